@@ -1,0 +1,3 @@
+from tete_tunnel.cli import main
+
+main()

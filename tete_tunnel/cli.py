@@ -1,0 +1,200 @@
+"""The command line: parse, build a config, call the library, map errors to exit codes.
+
+This is the one error boundary: a TeteError becomes one line on stderr and exit 1 (2 for
+usage errors); anything else is a bug, shown as one line too, with the traceback at -vv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tete_tunnel import __version__
+from tete_tunnel.errors import TeteError, UsageError
+from tete_tunnel.identity import load_or_create, parse_id
+from tete_tunnel.link import DEFAULT_PORT, DEFAULT_TIMEOUT, LinkConfig
+from tete_tunnel.log import log, setup_logging
+from tete_tunnel.secure import Auth
+
+app = typer.Typer(
+    name="tete-tunnel",
+    help="A private, authenticated TCP tunnel between two peers, through their NATs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+CONN = "Connection"
+AUTH = "Authentication"
+
+# Shared by every command that makes a link; the single-dash spellings are the seed tool's.
+PeerIp = Annotated[
+    str,
+    typer.Option("--peer-ip", "-peerip", help="The peer's public IP address.", rich_help_panel=CONN),
+]
+MyIp = Annotated[
+    str | None,
+    typer.Option(
+        "--my-ip", "-myip",
+        help="Our public IP (optional; only checked for sanity, roles do not depend on it).",
+        rich_help_panel=CONN,
+    ),
+]
+LPort = Annotated[
+    int,
+    typer.Option("--lport", "-lport", help="Our local port to punch from.", rich_help_panel=CONN),
+]
+RPort = Annotated[
+    int,
+    typer.Option("--rport", "-rport", help="The peer's public port.", rich_help_panel=CONN),
+]
+PeerId = Annotated[
+    str | None,
+    typer.Option(
+        "--peer-id",
+        help="Accept only the peer with this ID (what `tete-tunnel id` prints there).",
+        rich_help_panel=AUTH,
+    ),
+]
+Code = Annotated[
+    str | None,
+    typer.Option(
+        "--code",
+        help="A short secret both sides type; proves the peer and prints its ID to pin.",
+        rich_help_panel=AUTH,
+    ),
+]
+IdentityDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--identity",
+        help="Directory of our identity (default $XDG_CONFIG_HOME/tete-tunnel).",
+        rich_help_panel=AUTH,
+    ),
+]
+Timeout = Annotated[
+    float,
+    typer.Option("--timeout", help="Seconds to keep punching before giving up.", rich_help_panel=CONN),
+]
+Keepalive = Annotated[
+    bool,
+    typer.Option(
+        "-k", "--keepalive", help="Detect a dead peer or NAT mapping (TCP keepalive).",
+        rich_help_panel=CONN,
+    ),
+]
+Verbose = Annotated[
+    int,
+    typer.Option("-v", "--verbose", count=True, help="More detail on stderr; -vv for debugging."),
+]
+
+
+def _link_config(
+    peer_ip: str, my_ip: str | None, lport: int, rport: int, peer_id: str | None,
+    code: str | None, identity: Path | None, timeout: float, keepalive: bool,
+) -> LinkConfig:
+    if peer_id is not None and code is not None:
+        raise UsageError("use either --peer-id or --code, not both")
+    if code is not None and not code.strip():
+        raise UsageError("--code must not be empty")
+    auth = Auth(
+        peer_fingerprint=parse_id(peer_id) if peer_id is not None else None,
+        code=code.strip() if code is not None else None,
+    )
+    config = LinkConfig(
+        peer_ip=peer_ip.strip("[]"), local_port=lport, peer_port=rport,
+        my_ip=my_ip.strip("[]") if my_ip else None, auth=auth, identity_dir=identity,
+        timeout=timeout, keepalive=keepalive,
+    )
+    config.check()
+    return config
+
+
+def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
+    """Run a command's work inside the error boundary and exit with its code."""
+    setup_logging(verbose)
+    try:
+        coro = work()
+        if coro is not None:
+            asyncio.run(coro)
+    except TeteError as exc:
+        if verbose >= 2:
+            traceback.print_exc()
+        log.error("error: %s", exc)
+        if isinstance(exc, UsageError):
+            print("Try 'tete-tunnel --help' for help.", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        if verbose >= 2:
+            traceback.print_exc()
+        log.error("internal error (a bug; run with -vv for details): %r", exc)
+        raise typer.Exit(1) from None
+
+
+@app.command("id")
+def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
+    """Print our ID (creating our identity on first use). The peer pins it with --peer-id."""
+
+    def work() -> None:
+        ident = load_or_create(identity)
+        logging.getLogger("tete_tunnel").info("identity file: %s", ident.path)
+        print(ident.id)
+
+    _run(verbose, work)
+
+
+@app.command("pipe")
+def pipe_command(
+    peer_ip: PeerIp,
+    my_ip: MyIp = None,
+    lport: LPort = DEFAULT_PORT,
+    rport: RPort = DEFAULT_PORT,
+    peer_id: PeerId = None,
+    code: Code = None,
+    identity: IdentityDir = None,
+    timeout: Timeout = DEFAULT_TIMEOUT,
+    keepalive: Keepalive = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Send stdin to the peer and write the peer's bytes to stdout.
+
+    Works in pipelines (tar c dir | tete-tunnel pipe ...) and as an ssh ProxyCommand.
+    """
+    from tete_tunnel.pipe import pipe_command as run
+
+    def work() -> Coroutine[Any, Any, None]:
+        config = _link_config(
+            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, keepalive
+        )
+        return run(config)
+
+    _run(verbose, work)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"tete-tunnel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """A private, authenticated TCP tunnel between two peers, through their NATs."""
+
+
+def main() -> None:
+    app(prog_name="tete-tunnel")

@@ -1,0 +1,279 @@
+"""Turn a connected socket into an authenticated TLS 1.3 link with a known peer.
+
+Python's ssl has no verify callback and no exporter, so authentication happens around TLS:
+each side first sends a HELLO with its certificate (and in --code mode a SPAKE2 message), the
+certificate is judged by local flags only, and TLS then runs with that very certificate as the
+peer's only trust anchor. The side with the smaller certificate fingerprint is the TLS client,
+so roles never depend on what anyone typed.
+
+    HELLO  ->  <- HELLO      (certificate, commitment to a nonce, SPAKE2 message)
+    FINISH ->  <- FINISH     (nonce, key confirmation)   or REFUSE(reason)
+    TLS 1.3 handshake, both certificates required and pinned, ALPN tete/1
+    READY  (server -> client), because a TLS 1.3 client learns of rejection only by reading
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+
+import spake2
+
+from tete_tunnel import hello as msg
+from tete_tunnel.errors import AuthenticationError, HandshakeError
+from tete_tunnel.identity import Identity, fingerprint, format_id
+
+log = logging.getLogger("tete_tunnel")
+
+ALPN = "tete/1"
+READY = b"TETE\x01RDY"  # 8 bytes, the TLS server's first application data
+PREAUTH_TIMEOUT = 10.0  # HELLO to READY; a stalling stranger is dropped after this
+SPAKE_ID = b"tete-tunnel/1"
+STREAM_LIMIT = 1 << 20  # asyncio StreamReader buffer bound
+
+
+class Mode(enum.Enum):
+    PEER_ID = "peer-id"
+    CODE = "code"
+    UNVERIFIED = "unverified"
+
+
+@dataclass(frozen=True)
+class Auth:
+    """How to judge the peer: chosen from local flags, never negotiated."""
+
+    peer_fingerprint: bytes | None = None
+    code: str | None = None
+
+    @property
+    def mode(self) -> Mode:
+        if self.peer_fingerprint is not None:
+            return Mode.PEER_ID
+        return Mode.CODE if self.code is not None else Mode.UNVERIFIED
+
+
+@dataclass
+class SecureLink:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    peer_id: str
+    is_tls_client: bool
+    mode: Mode
+    safety_code: str
+
+
+def safety_code(fp_a: bytes, nonce_a: bytes, fp_b: bytes, nonce_b: bytes) -> str:
+    """Six digits both people can compare by voice; a man in the middle cannot match them.
+
+    The nonces were committed to in HELLO before either was revealed, so a middleman must
+    fix its own nonces before it learns ours, and then matches the codes only by luck (1e-6).
+    """
+    (lo_fp, lo_nonce), (hi_fp, hi_nonce) = sorted([(fp_a, nonce_a), (fp_b, nonce_b)])
+    digest = hashlib.sha256(b"tete-tunnel safety code" + lo_fp + hi_fp + lo_nonce + hi_nonce)
+    number = int.from_bytes(digest.digest()[:8], "big") % 1_000_000
+    return f"{number // 1000:03d}-{number % 1000:03d}"
+
+
+def _confirmation(key: bytes, sender_fp: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, b"tete-tunnel confirm" + sender_fp + transcript, hashlib.sha256).digest()
+
+
+async def _recv_exactly(sock: socket.socket, n: int, what: str) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await loop.sock_recv(sock, n - len(buf))  # never past this message
+        except OSError as exc:
+            raise HandshakeError(f"connection failed while reading {what}: {exc.strerror}") from exc
+        if not chunk:
+            raise HandshakeError(f"connection closed during the handshake (waiting for {what})")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _recv_message(sock: socket.socket, what: str) -> tuple[msg.MessageType, bytes]:
+    kind, length = msg.parse_header(await _recv_exactly(sock, msg.HEADER_SIZE, what))
+    return kind, await _recv_exactly(sock, length, what)
+
+
+async def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+    except OSError as exc:
+        raise HandshakeError(f"connection failed during the handshake: {exc.strerror}") from exc
+
+
+async def _refuse(sock: socket.socket, reason: msg.RefuseReason) -> None:
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, msg.encode_refuse(reason))
+    except OSError:
+        pass  # the peer is gone; our own error says it all
+
+
+def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(identity.path))
+    ctx.load_verify_locations(cadata=peer_der)  # the peer's certificate is the only anchor
+    ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+async def _tls(
+    sock: socket.socket, ctx: ssl.SSLContext, server_side: bool
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    if server_side:
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx)
+    else:
+        transport, _ = await loop.create_connection(
+            lambda: protocol, sock=sock, ssl=ctx, server_hostname="tete-tunnel"
+        )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureLink:
+    """Authenticate the peer on `sock` and run TLS over it; the caller bounds the time.
+
+    Raises HandshakeError for anything that is not a well-behaved tete-tunnel peer (the caller
+    may go on waiting for the real one) and AuthenticationError for a peer that is one but is
+    not the peer we were told to expect (fatal).
+    """
+    my_fp = identity.fingerprint
+    nonce = os.urandom(msg.NONCE_SIZE)
+    spake_state = None
+    spake_out = b""
+    if auth.code is not None:
+        spake_state = spake2.SPAKE2_Symmetric(auth.code.encode("utf-8"), idSymmetric=SPAKE_ID)
+        spake_out = spake_state.start()
+    my_hello = msg.encode_hello(
+        msg.Hello(hashlib.sha256(nonce).digest(), identity.cert_der, spake_out)
+    )
+    await _send(sock, my_hello)
+    kind, body = await _recv_message(sock, "the peer's HELLO")
+    if kind != msg.MessageType.HELLO:
+        raise HandshakeError(f"expected HELLO, got {kind.name}")
+    peer_hello = msg.parse_hello(body)
+    peer_der = peer_hello.cert_der
+    peer_fp = fingerprint(peer_der)
+    peer_id = format_id(peer_fp)
+    their_hello = msg.HEADER.pack(msg.MAGIC, msg.VERSION, kind, len(body)) + body
+
+    if hmac.compare_digest(peer_fp, my_fp):
+        await _refuse(sock, msg.RefuseReason.SAME_IDENTITY)
+        raise AuthenticationError(
+            "both peers use the same identity (same machine or same home directory?): "
+            "give one of them its own with --identity DIR"
+        )
+    if auth.peer_fingerprint is not None and not hmac.compare_digest(
+        peer_fp, auth.peer_fingerprint
+    ):
+        await _refuse(sock, msg.RefuseReason.ID_MISMATCH)
+        raise AuthenticationError(
+            f"peer ID mismatch: expected {format_id(auth.peer_fingerprint)}, "
+            f"but the peer presented {peer_id}; refusing it (a wrong --peer-id, "
+            "or someone in the middle)"
+        )
+    mac = b""
+    key = b""
+    if spake_state is not None:
+        if not peer_hello.spake_message:
+            await _refuse(sock, msg.RefuseReason.CODE_MISSING)
+            raise AuthenticationError(
+                "the peer did not use --code: give both sides the same --code"
+            )
+        try:
+            key = spake_state.finish(peer_hello.spake_message)
+        except Exception as exc:  # spake2 raises assorted types for malformed points
+            raise HandshakeError(f"malformed code exchange from the peer: {exc!r}") from exc
+        lo, hi = sorted([(my_fp, my_hello), (peer_fp, their_hello)])
+        transcript = hashlib.sha256(lo[1] + hi[1]).digest()
+        mac = _confirmation(key, my_fp, transcript)
+    elif peer_hello.spake_message:
+        await _refuse(sock, msg.RefuseReason.CODE_UNEXPECTED)
+        raise AuthenticationError(
+            "the peer uses --code but we were given none: give both sides the same --code"
+        )
+
+    await _send(sock, msg.encode_finish(msg.Finish(nonce, mac)))
+    kind, body = await _recv_message(sock, "the peer's FINISH")
+    if kind == msg.MessageType.REFUSE:
+        raise _refused(msg.parse_refuse(body).reason, identity)
+    if kind != msg.MessageType.FINISH:
+        raise HandshakeError(f"expected FINISH, got {kind.name}")
+    finish = msg.parse_finish(body)
+    if not hmac.compare_digest(hashlib.sha256(finish.nonce).digest(), peer_hello.commitment):
+        raise HandshakeError("the peer's nonce does not match its commitment")
+    if spake_state is not None:
+        expected = _confirmation(key, peer_fp, transcript)
+        if not hmac.compare_digest(finish.mac, expected):
+            raise AuthenticationError(
+                "wrong code: the peer typed a different --code (or someone in the middle "
+                "guessed); start again with a fresh code on both sides"
+            )
+
+    server_side = my_fp > peer_fp
+    try:
+        reader, writer = await _tls(sock, _tls_context(identity, peer_der, server_side), server_side)
+    except (ssl.SSLError, OSError) as exc:
+        raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        seen = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if seen is None or not hmac.compare_digest(fingerprint(seen), peer_fp):
+            raise HandshakeError("the TLS certificate differs from the one in HELLO")
+        if ssl_object.selected_alpn_protocol() != ALPN:
+            raise HandshakeError(f"the peer did not agree to protocol {ALPN}")
+        if server_side:
+            writer.write(READY)
+            await writer.drain()
+        elif await reader.readexactly(len(READY)) != READY:
+            raise HandshakeError("the peer's first TLS message is not READY")
+    except (ssl.SSLError, OSError, asyncio.IncompleteReadError) as exc:
+        writer.transport.abort()
+        raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return SecureLink(
+        reader=reader,
+        writer=writer,
+        peer_id=peer_id,
+        is_tls_client=not server_side,
+        mode=auth.mode,
+        safety_code=safety_code(my_fp, nonce, peer_fp, finish.nonce),
+    )
+
+
+def _refused(reason: int, identity: Identity) -> AuthenticationError:
+    if reason == msg.RefuseReason.ID_MISMATCH:
+        return AuthenticationError(
+            f"the peer refused us: our ID {identity.id} is not the --peer-id it was given "
+            "(check the ID it has with `tete-tunnel id` on our side)"
+        )
+    if reason == msg.RefuseReason.CODE_MISSING:
+        return AuthenticationError(
+            "the peer uses --code but we were given none: give both sides the same --code"
+        )
+    if reason == msg.RefuseReason.CODE_UNEXPECTED:
+        return AuthenticationError(
+            "the peer did not use --code: give both sides the same --code"
+        )
+    if reason == msg.RefuseReason.SAME_IDENTITY:
+        return AuthenticationError(
+            "both peers use the same identity: give one of them its own with --identity DIR"
+        )
+    return AuthenticationError(f"the peer refused the connection (reason {reason})")
