@@ -38,12 +38,15 @@ AUTH = "Authentication"
 # Shared by every command that makes a link; the single-dash spellings are the seed tool's.
 PeerIp = Annotated[
     str,
-    typer.Option("--peer-ip", "-peerip", help="The peer's public IP address.", rich_help_panel=CONN),
+    typer.Option(
+        "--peer-ip", "-peerip", help="The peer's public IP address.", rich_help_panel=CONN
+    ),
 ]
 MyIp = Annotated[
     str | None,
     typer.Option(
-        "--my-ip", "-myip",
+        "--my-ip",
+        "-myip",
         help="Our public IP (optional; only checked for sanity, roles do not depend on it).",
         rich_help_panel=CONN,
     ),
@@ -82,12 +85,16 @@ IdentityDir = Annotated[
 ]
 Timeout = Annotated[
     float,
-    typer.Option("--timeout", help="Seconds to keep punching before giving up.", rich_help_panel=CONN),
+    typer.Option(
+        "--timeout", help="Seconds to keep punching before giving up.", rich_help_panel=CONN
+    ),
 ]
 Keepalive = Annotated[
     bool,
     typer.Option(
-        "-k", "--keepalive", help="Detect a dead peer or NAT mapping (TCP keepalive).",
+        "-k",
+        "--keepalive",
+        help="Detect a dead peer or NAT mapping (TCP keepalive).",
         rich_help_panel=CONN,
     ),
 ]
@@ -98,8 +105,15 @@ Verbose = Annotated[
 
 
 def _link_config(
-    peer_ip: str, my_ip: str | None, lport: int, rport: int, peer_id: str | None,
-    code: str | None, identity: Path | None, timeout: float, keepalive: bool,
+    peer_ip: str,
+    my_ip: str | None,
+    lport: int,
+    rport: int,
+    peer_id: str | None,
+    code: str | None,
+    identity: Path | None,
+    timeout: float,
+    keepalive: bool,
 ) -> LinkConfig:
     if peer_id is not None and code is not None:
         raise UsageError("use either --peer-id or --code, not both")
@@ -110,9 +124,14 @@ def _link_config(
         code=code.strip() if code is not None else None,
     )
     config = LinkConfig(
-        peer_ip=peer_ip.strip("[]"), local_port=lport, peer_port=rport,
-        my_ip=my_ip.strip("[]") if my_ip else None, auth=auth, identity_dir=identity,
-        timeout=timeout, keepalive=keepalive,
+        peer_ip=peer_ip.strip("[]"),
+        local_port=lport,
+        peer_port=rport,
+        my_ip=my_ip.strip("[]") if my_ip else None,
+        auth=auth,
+        identity_dir=identity,
+        timeout=timeout,
+        keepalive=keepalive,
     )
     config.check()
     return config

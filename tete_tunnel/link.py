@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tete_tunnel import log as logmod
@@ -30,7 +30,7 @@ class LinkConfig:
     local_port: int = DEFAULT_PORT
     peer_port: int = DEFAULT_PORT
     my_ip: str | None = None
-    auth: Auth = Auth()
+    auth: Auth = field(default_factory=Auth)
     identity_dir: Path | None = None
     timeout: float = DEFAULT_TIMEOUT
     keepalive: bool = False
@@ -63,7 +63,10 @@ async def establish(config: LinkConfig, identity: Identity | None = None) -> Sec
     deadline = loop.time() + config.timeout
     log.info(
         "punching from port %d to %s:%d (timeout %gs)",
-        config.local_port, config.peer_ip, config.peer_port, config.timeout,
+        config.local_port,
+        config.peer_ip,
+        config.peer_port,
+        config.timeout,
     )
     last_rejection: HandshakeError | None = None
     while True:

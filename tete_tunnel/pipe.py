@@ -182,4 +182,3 @@ async def pipe_command(config: LinkConfig, stdin_fd: int = 0, stdout_fd: int = 1
             raise
         await stream.close()
         logmod.event("Closed connection")
-

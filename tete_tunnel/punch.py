@@ -160,9 +160,7 @@ async def _dial_loop(
         except OSError as exc:
             if exc.errno not in RETRY_ERRNOS:
                 sock.close()
-                raise PunchError(
-                    f"cannot dial {peer[0]}:{peer[1]}: {exc.strerror or exc}"
-                ) from exc
+                raise PunchError(f"cannot dial {peer[0]}:{peer[1]}: {exc.strerror or exc}") from exc
             attempts.last_error = errno.errorcode.get(exc.errno or 0, str(exc))
             log.debug("dial %d to %s:%d: %s", attempts.dials, *peer, attempts.last_error)
         except BaseException:
@@ -235,7 +233,9 @@ async def punch(peer_ip: str, peer_port: int, local_port: int, deadline: float) 
     )
 
 
-def enable_keepalive(sock: socket.socket, idle: int = 15, interval: int = 5, count: int = 3) -> None:
+def enable_keepalive(
+    sock: socket.socket, idle: int = 15, interval: int = 5, count: int = 3
+) -> None:
     """TCP keepalive so a dead peer or a dropped NAT mapping is noticed (after ~30 s)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)

@@ -227,7 +227,9 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
 
     server_side = my_fp > peer_fp
     try:
-        reader, writer = await _tls(sock, _tls_context(identity, peer_der, server_side), server_side)
+        reader, writer = await _tls(
+            sock, _tls_context(identity, peer_der, server_side), server_side
+        )
     except (ssl.SSLError, OSError) as exc:
         raise HandshakeError(f"TLS handshake failed: {exc}") from exc
     try:
@@ -269,9 +271,7 @@ def _refused(reason: int, identity: Identity) -> AuthenticationError:
             "the peer uses --code but we were given none: give both sides the same --code"
         )
     if reason == msg.RefuseReason.CODE_UNEXPECTED:
-        return AuthenticationError(
-            "the peer did not use --code: give both sides the same --code"
-        )
+        return AuthenticationError("the peer did not use --code: give both sides the same --code")
     if reason == msg.RefuseReason.SAME_IDENTITY:
         return AuthenticationError(
             "both peers use the same identity: give one of them its own with --identity DIR"

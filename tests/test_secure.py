@@ -1,0 +1,119 @@
+"""The secure layer over socketpairs, both sides in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from tete_tunnel.errors import AuthenticationError, HandshakeError
+from tete_tunnel.identity import Identity, load_or_create
+from tete_tunnel.secure import Auth, Mode, SecureLink, secure
+
+
+@pytest.fixture(scope="module")
+def ids(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Identity, Identity]:
+    base = tmp_path_factory.mktemp("ids")
+    return tuple(load_or_create(base / n) for n in "abc")  # type: ignore[return-value]
+
+
+async def both(
+    id_a: Identity, auth_a: Auth, id_b: Identity, auth_b: Auth
+) -> tuple[SecureLink | BaseException, SecureLink | BaseException]:
+    sa, sb = socket.socketpair()
+    sa.setblocking(False)
+    sb.setblocking(False)
+    results = await asyncio.wait_for(
+        asyncio.gather(secure(sa, id_a, auth_a), secure(sb, id_b, auth_b), return_exceptions=True),
+        timeout=20,
+    )
+    for r, s in zip(results, (sa, sb), strict=True):
+        if isinstance(r, SecureLink):
+            r.writer.close()
+        else:
+            s.close()
+    return results[0], results[1]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_unverified_links_with_equal_safety_codes(ids) -> None:
+    a, b = run(both(ids[0], Auth(), ids[1], Auth()))
+    assert isinstance(a, SecureLink) and isinstance(b, SecureLink)
+    assert a.mode is b.mode is Mode.UNVERIFIED
+    assert a.safety_code == b.safety_code
+    assert a.peer_id == ids[1].id and b.peer_id == ids[0].id
+    assert a.is_tls_client != b.is_tls_client  # roles from fingerprints, one of each
+    assert a.is_tls_client == (ids[0].fingerprint < ids[1].fingerprint)
+
+
+def test_safety_code_changes_with_every_connection(ids) -> None:
+    first, _ = run(both(ids[0], Auth(), ids[1], Auth()))
+    second, _ = run(both(ids[0], Auth(), ids[1], Auth()))
+    assert isinstance(first, SecureLink) and isinstance(second, SecureLink)
+    # Fresh committed nonces each time (equal only by a 1e-6 chance).
+    assert first.safety_code != second.safety_code
+
+
+def test_pinned_ids_connect(ids) -> None:
+    a, b = run(
+        both(
+            ids[0],
+            Auth(peer_fingerprint=ids[1].fingerprint),
+            ids[1],
+            Auth(peer_fingerprint=ids[0].fingerprint),
+        )
+    )
+    assert isinstance(a, SecureLink) and isinstance(b, SecureLink)
+    assert a.mode is Mode.PEER_ID
+
+
+def test_wrong_pin_refused_on_both_sides(ids) -> None:
+    a, b = run(both(ids[0], Auth(peer_fingerprint=ids[2].fingerprint), ids[1], Auth()))
+    assert isinstance(a, AuthenticationError) and "peer ID mismatch" in str(a)
+    assert ids[2].id in str(a) and ids[1].id in str(a)
+    assert isinstance(b, AuthenticationError) and "refused us" in str(b)
+
+
+def test_equal_codes_connect(ids) -> None:
+    a, b = run(both(ids[0], Auth(code="7-purple-sausages"), ids[1], Auth(code="7-purple-sausages")))
+    assert isinstance(a, SecureLink) and isinstance(b, SecureLink)
+    assert a.mode is Mode.CODE and a.peer_id == ids[1].id
+
+
+def test_unequal_codes_refused_on_both_sides(ids) -> None:
+    a, b = run(both(ids[0], Auth(code="7-purple-sausages"), ids[1], Auth(code="7-purple-sausage")))
+    assert isinstance(a, AuthenticationError) and "wrong code" in str(a)
+    assert isinstance(b, AuthenticationError) and "wrong code" in str(b)
+
+
+@pytest.mark.parametrize("coded_side", [0, 1])
+def test_code_on_one_side_only(ids, coded_side: int) -> None:
+    auths = [Auth(), Auth()]
+    auths[coded_side] = Auth(code="x")
+    results = run(both(ids[0], auths[0], ids[1], auths[1]))
+    assert isinstance(results[coded_side], AuthenticationError)
+    assert "did not use --code" in str(results[coded_side])
+    assert isinstance(results[1 - coded_side], AuthenticationError)
+    assert "uses --code but we were given none" in str(results[1 - coded_side])
+
+
+def test_same_identity_is_a_clear_error(ids) -> None:
+    a, b = run(both(ids[0], Auth(), ids[0], Auth()))
+    for r in (a, b):
+        assert isinstance(r, AuthenticationError)
+        assert "same identity" in str(r) and "--identity" in str(r)
+
+
+def test_tls_refuses_a_certificate_other_than_the_hello_one(ids, tmp_path: Path) -> None:
+    """A peer that shows one certificate in HELLO and uses another key in TLS is refused."""
+    import dataclasses
+
+    impostor = dataclasses.replace(ids[2], cert_der=ids[1].cert_der)  # HELLO says b, TLS is c
+    a, b = run(both(ids[0], Auth(), impostor, Auth()))
+    assert isinstance(a, HandshakeError) and "TLS" in str(a)
+    assert not isinstance(b, SecureLink)
