@@ -140,3 +140,52 @@ def test_peer_killed_means_link_lost(procs: Procs, tmp_path: Path) -> None:
         os.close(w)
     assert "connection to peer lost" in a.err
     assert "Traceback" not in a.err
+
+
+def test_ipv6_loopback(procs: Procs, tmp_path: Path) -> None:
+    """The address family comes from --peer-ip; brackets are accepted as people write them."""
+    import socket
+
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError as exc:
+        import pytest
+
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    data_a, data_b = os.urandom(1 << 20), os.urandom(1 << 20)
+    pa, pb = free_ports(2)
+    a = procs.start(
+        [
+            "pipe",
+            "--peer-ip",
+            "::1",
+            "--lport",
+            str(pa),
+            "--rport",
+            str(pb),
+            "-v",
+            "--identity",
+            str(tmp_path / "a"),
+        ],
+        stdin=data_a,
+    )
+    b = procs.start(
+        [
+            "pipe",
+            "--peer-ip",
+            "[::1]",
+            "--lport",
+            str(pb),
+            "--rport",
+            str(pa),
+            "--identity",
+            str(tmp_path / "b"),
+        ],
+        stdin=data_b,
+    )
+    assert a.wait(30) == 0, a.err
+    assert b.wait(30) == 0, b.err
+    assert (a.out, b.out) == (data_b, data_a)
+    assert f"[::1]:{pb}" in a.err

@@ -15,7 +15,7 @@ from pathlib import Path
 from tete_tunnel import log as logmod
 from tete_tunnel.errors import HandshakeError, PunchError, UsageError
 from tete_tunnel.identity import Identity, load_or_create
-from tete_tunnel.punch import enable_keepalive, family_of, is_local_address, punch
+from tete_tunnel.punch import enable_keepalive, endpoint, family_of, is_local_address, punch
 from tete_tunnel.secure import PREAUTH_TIMEOUT, Auth, Mode, SecureLink, secure
 
 log = logging.getLogger("tete_tunnel")
@@ -62,10 +62,9 @@ async def establish(config: LinkConfig, identity: Identity | None = None) -> Sec
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.timeout
     log.info(
-        "punching from port %d to %s:%d (timeout %gs)",
+        "punching from port %d to %s (timeout %gs)",
         config.local_port,
-        config.peer_ip,
-        config.peer_port,
+        endpoint(config.peer_ip, config.peer_port),
         config.timeout,
     )
     last_rejection: HandshakeError | None = None
@@ -100,10 +99,9 @@ async def establish(config: LinkConfig, identity: Identity | None = None) -> Sec
 
 def _peer_name(sock: socket.socket) -> str:
     try:
-        host, port = sock.getpeername()[:2]
+        return endpoint(*sock.getpeername()[:2])
     except OSError:
         return "a peer that vanished"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _announce(link: SecureLink) -> None:

@@ -46,6 +46,11 @@ RETRY_ERRNOS = frozenset(
 CONNECTED_ERRNOS = frozenset({0, errno.EISCONN})
 
 
+def endpoint(ip: str, port: int) -> str:
+    """`1.2.3.4:5` or `[::1]:5`, as people write them."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def family_of(ip: str) -> socket.AddressFamily:
     try:
         return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
@@ -156,18 +161,18 @@ async def _dial_loop(
                 await _connect(sock, peer)
         except TimeoutError:
             attempts.last_error = "no answer (SYN dropped)"
-            log.debug("dial %d to %s:%d: no answer", attempts.dials, *peer)
+            log.debug("dial %d to %s: no answer", attempts.dials, endpoint(*peer))
         except OSError as exc:
             if exc.errno not in RETRY_ERRNOS:
                 sock.close()
-                raise PunchError(f"cannot dial {peer[0]}:{peer[1]}: {exc.strerror or exc}") from exc
+                raise PunchError(f"cannot dial {endpoint(*peer)}: {exc.strerror or exc}") from exc
             attempts.last_error = errno.errorcode.get(exc.errno or 0, str(exc))
-            log.debug("dial %d to %s:%d: %s", attempts.dials, *peer, attempts.last_error)
+            log.debug("dial %d to %s: %s", attempts.dials, endpoint(*peer), attempts.last_error)
         except BaseException:
             sock.close()
             raise
         else:
-            log.info("connected by dialing %s:%d", *peer)
+            log.info("connected by dialing %s", endpoint(*peer))
             return sock
         sock.close()  # still in SYN_SENT or failed: closing sends no RST on a live 4-tuple
         await asyncio.sleep(RETRY_PAUSE)
@@ -178,14 +183,14 @@ async def _accept_loop(listener: socket.socket, peer: tuple[str, int]) -> socket
     while True:
         conn, addr = await loop.sock_accept(listener)
         if not same_ip(addr[0], peer[0]):
-            log.info("ignored a connection from %s:%d (not the peer's address)", addr[0], addr[1])
+            log.info("ignored a connection from %s (not the peer's address)", endpoint(*addr[:2]))
             conn.close()
             continue
         if addr[1] != peer[1]:
             log.info(
                 "the peer connected from port %d, not %d: its NAT rewrites ports", addr[1], peer[1]
             )
-        log.info("connected by accepting %s:%d", addr[0], addr[1])
+        log.info("connected by accepting %s", endpoint(*addr[:2]))
         return conn
 
 
@@ -225,11 +230,13 @@ async def punch(peer_ip: str, peer_port: int, local_port: int, deadline: float) 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     raise PunchError(
-        f"could not connect to the peer at {peer_ip}:{peer_port} from local port {local_port} "
-        f"in time ({attempts.dials} dials, last: {attempts.last_error}). Likely causes: the "
-        "peer has not started (both sides must run within the --timeout), a wrong --peer-ip "
-        "or --rport (it is the peer's public address and its --lport), or a NAT that changes "
-        "ports (symmetric NAT), which direct punching cannot pass"
+        f"could not connect to the peer at {endpoint(peer_ip, peer_port)} "
+        f"from local port {local_port} in time "
+        f"({attempts.dials} dials, last: {attempts.last_error}). "
+        "Likely causes: the peer has not started (both sides must run within "
+        "the --timeout), a wrong --peer-ip or --rport (they are the peer's public "
+        "address and its --lport), or a NAT that changes ports (symmetric NAT), "
+        "which direct punching cannot pass"
     )
 
 
