@@ -1,0 +1,451 @@
+"""The mux session as a pure state machine (no sockets, no asyncio, no clock).
+
+Theory of operation: the driver feeds received bytes to `receive_data(data, now)` and acts
+on the events returned; it calls the local actions (`open_stream`, `send`, `end_stream`,
+`reset_stream`, `consumed`, `ping`, `go_away`) as its application asks; and whenever
+`has_data_to_send()` it writes what `data_to_send()` returns. Time is an argument; the
+driver calls `handle_timer(now)` at `get_timer()`.
+
+Rules: (1) a peer's violation never raises out of `receive_data`: the go-away frame is
+queued and a ConnectionTerminated event ends the list, after which input is ignored.
+(2) Everything the peer can make us hold is bounded: receive buffers by the window we
+granted, streams and pending opens by count, queued control frames by count.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tete_tunnel.mux import events as ev
+from tete_tunnel.mux.errors import GoAwayCode, LocalProtocolError, ProtocolError
+from tete_tunnel.mux.frames import (
+    MAX_SEND_PAYLOAD,
+    MAX_U32,
+    Flag,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_header,
+)
+from tete_tunnel.mux.stream import StreamInput, StreamState, transition
+
+INITIAL_WINDOW = 256 * 1024  # yamux's initial stream window; both sides assume it
+
+
+@dataclass(frozen=True)
+class Config:
+    initial_window: int = INITIAL_WINDOW
+    # A stream's receive window grows toward the bandwidth-delay product, to this bound.
+    max_window: int = 16 * 1024 * 1024
+    # All growth beyond the initial windows, summed over streams: the memory a peer can
+    # make us buffer beyond max_streams * initial_window.
+    window_budget: int = 64 * 1024 * 1024
+    max_streams: int = 2048  # open at once, both directions; excess peer opens get RST
+    max_pending_accepts: int = 256  # peer opens the application has not accepted yet
+    # Frames the peer provokes (pongs, refusals) that may wait unsent; more means it floods
+    # us while not reading.
+    max_control_backlog: int = 1024
+    keepalive_interval: float | None = None  # seconds between pings; None: no keepalive
+    keepalive_timeout: float = 30.0  # no pong for this long: the peer is dead
+    turn_bytes: int = 64 * 1024  # one stream's share per round-robin turn
+
+
+class _Stream:
+    __slots__ = (
+        "acked",
+        "fin_pending",
+        "id",
+        "last_update",
+        "need_ack",
+        "need_syn",
+        "out",
+        "out_bytes",
+        "recv_window",
+        "send_window",
+        "state",
+        "unacked",
+        "window",
+    )
+
+    def __init__(self, stream_id: int, config: Config, *, local: bool) -> None:
+        self.id = stream_id
+        self.state = StreamState.OPEN
+        self.need_syn = local  # our first frame on it must carry SYN
+        self.need_ack = False  # ... or ACK, once the application accepted the peer's open
+        self.acked = not local
+        self.fin_pending = False
+        self.out: deque[memoryview] = deque()
+        self.out_bytes = 0
+        self.send_window = INITIAL_WINDOW  # the peer's grant to us
+        self.window = config.initial_window  # our grant's current size
+        self.recv_window = config.initial_window  # what the peer may still send
+        self.unacked = 0  # consumed by the application, not yet granted back
+        self.last_update: float | None = None
+
+    def wants_turn(self) -> bool:
+        if self.need_ack and not self.out and not self.fin_pending:
+            return True
+        if self.out and self.send_window > 0:
+            return True
+        return (self.fin_pending or self.need_syn) and not self.out
+
+
+class Connection:
+    def __init__(self, *, client: bool, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.client = client
+        self._next_id = 1 if client else 2
+        self._streams: dict[int, _Stream] = {}
+        self._highest_remote = 0
+        self._decoder = FrameDecoder()
+        self._control: list[bytes] = []
+        self._provoked = 0  # peer-provoked control frames not yet taken by data_to_send
+        self._ready: deque[int] = deque()  # streams that may have a turn
+        self._in_ready: set[int] = set()
+        self._pending_accepts: set[int] = set()
+        self._budget_used = 0
+        self._ping_opaque = 0
+        self._ping_sent: float | None = None  # time of the outstanding ping
+        self._next_keepalive: float | None = None
+        self.rtt: float | None = None
+        self.local_goaway = False
+        self.remote_goaway = False
+        self.terminated: ev.ConnectionTerminated | None = None
+        self._gone: list[int] = []  # streams forgotten since the last pop_closed()
+
+    # -- queries ----------------------------------------------------------------------
+
+    @property
+    def stream_ids(self) -> list[int]:
+        return list(self._streams)
+
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes the application wrote on a stream that are not yet framed."""
+        stream = self._streams.get(stream_id)
+        return stream.out_bytes if stream else 0
+
+    def pop_closed(self) -> list[int]:
+        """Streams whose state is gone (both sides ended, or reset) since the last call."""
+        gone, self._gone = self._gone, []
+        return gone
+
+    def has_data_to_send(self) -> bool:
+        return bool(self._control) or bool(self._ready)
+
+    def is_local(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self.client
+
+    # -- local actions ----------------------------------------------------------------
+
+    def open_stream(self) -> int:
+        """A new stream id; its SYN rides on the first frame sent, with data if there is any."""
+        self._check_alive()
+        if self.remote_goaway or self.local_goaway:
+            raise LocalProtocolError("the session is going away: no new streams")
+        if len(self._streams) >= self.config.max_streams:
+            raise LocalProtocolError(f"too many open streams ({self.config.max_streams})")
+        if self._next_id > MAX_U32:
+            raise LocalProtocolError("stream ids exhausted; start a new session")
+        stream_id = self._next_id
+        self._next_id += 2
+        self._streams[stream_id] = _Stream(stream_id, self.config, local=True)
+        self._mark_ready(stream_id)
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        stream = self._get(stream_id)
+        if stream_id not in self._pending_accepts:
+            raise LocalProtocolError(f"stream {stream_id} is not waiting to be accepted")
+        self._pending_accepts.discard(stream_id)
+        stream.need_ack = True
+        self._mark_ready(stream_id)
+
+    def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        stream = self._get(stream_id)
+        stream.state = transition(stream.state, StreamInput.SEND_DATA, stream_id)
+        if data:
+            stream.out.append(memoryview(data).cast("B"))
+            stream.out_bytes += len(data)
+            self._mark_ready(stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction; the FIN follows the data already written."""
+        stream = self._get(stream_id)
+        stream.state = transition(stream.state, StreamInput.SEND_FIN, stream_id)
+        stream.fin_pending = True
+        self._mark_ready(stream_id)
+
+    def reset_stream(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # already gone: a reset has nothing left to do
+        transition(stream.state, StreamInput.SEND_RST, stream_id)
+        if not stream.need_syn:  # the peer knows the stream: tell it
+            flags = Flag.RST | (Flag.ACK if stream.need_ack else Flag.NONE)
+            self._control.append(encode_header(FrameType.WINDOW_UPDATE, flags, stream_id, 0))
+        self._forget(stream)
+
+    def consumed(self, stream_id: int, n: int, now: float) -> None:
+        """The application took `n` bytes of a stream: grant them back, growing the window
+        when it was used up within a few round trips (the link is long or fast)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
+            return  # the peer sends no more: no credit needed
+        stream.unacked += n
+        if stream.unacked < stream.window // 2:
+            return
+        delta = stream.unacked
+        if (
+            self.rtt is not None
+            and stream.last_update is not None
+            and now - stream.last_update < 4 * self.rtt
+        ):
+            grow = min(
+                stream.window,
+                self.config.max_window - stream.window,
+                self.config.window_budget - self._budget_used,
+            )
+            if grow > 0:
+                stream.window += grow
+                self._budget_used += grow
+                delta += grow
+        stream.last_update = now
+        stream.unacked = 0
+        stream.recv_window += delta
+        flags = self._opening_flags(stream)  # the update may be our first frame on it
+        self._control.append(encode_header(FrameType.WINDOW_UPDATE, flags, stream_id, delta))
+
+    def ping(self, now: float) -> bool:
+        """Send a ping unless one is outstanding; its pong reports the round-trip time."""
+        self._check_alive()
+        if self._ping_sent is not None:
+            return False
+        self._ping_opaque = (self._ping_opaque + 1) & MAX_U32
+        self._ping_sent = now
+        self._control.append(encode_header(FrameType.PING, Flag.SYN, 0, self._ping_opaque))
+        return True
+
+    def go_away(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
+        if not self.local_goaway:
+            self.local_goaway = True
+            self._control.append(encode_header(FrameType.GO_AWAY, Flag.NONE, 0, code))
+
+    # -- timers -----------------------------------------------------------------------
+
+    def start_keepalive(self, now: float) -> None:
+        if self.config.keepalive_interval is not None:
+            self._next_keepalive = now + self.config.keepalive_interval
+
+    def get_timer(self) -> float | None:
+        times = []
+        if self._next_keepalive is not None:
+            times.append(self._next_keepalive)
+        if self._ping_sent is not None and self.config.keepalive_interval is not None:
+            times.append(self._ping_sent + self.config.keepalive_timeout)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[ev.Event]:
+        if self.terminated is not None or self.config.keepalive_interval is None:
+            return []
+        if self._ping_sent is not None and now - self._ping_sent >= self.config.keepalive_timeout:
+            self.terminated = ev.ConnectionTerminated(
+                GoAwayCode.INTERNAL_ERROR,
+                f"the peer answered no ping for {self.config.keepalive_timeout:g} s",
+            )
+            return [self.terminated]
+        if self._next_keepalive is not None and now >= self._next_keepalive:
+            self.ping(now)
+            self._next_keepalive = now + self.config.keepalive_interval
+        return []
+
+    # -- output -----------------------------------------------------------------------
+
+    def data_to_send(self, limit: int = 1 << 20) -> list[bytes | memoryview]:
+        """Control frames first, then data from ready streams in turn, about `limit` bytes."""
+        out: list[bytes | memoryview] = self._control
+        size = sum(len(b) for b in out)
+        self._control = []
+        self._provoked = 0
+        while self._ready and size < limit:
+            stream_id = self._ready.popleft()
+            self._in_ready.discard(stream_id)
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                continue
+            size += self._take_turn(stream, out, min(self.config.turn_bytes, limit - size))
+            if stream.wants_turn():
+                self._mark_ready(stream_id)
+        return out
+
+    def _take_turn(self, stream: _Stream, out: list[bytes | memoryview], budget: int) -> int:
+        size = 0
+        while True:
+            flags = self._opening_flags(stream)
+            n = min(stream.out_bytes, stream.send_window, budget - size, MAX_SEND_PAYLOAD)
+            if n > 0:
+                chunks = self._take(stream, n)
+                if not stream.out and stream.fin_pending:
+                    flags |= Flag.FIN
+                    stream.fin_pending = False
+                out.append(encode_header(FrameType.DATA, flags, stream.id, n))
+                out.extend(chunks)
+                size += 12 + n
+                if not (flags & Flag.FIN) and size < budget and stream.out and stream.send_window:
+                    continue
+            elif flags or (stream.fin_pending and not stream.out):
+                if stream.fin_pending and not stream.out:
+                    flags |= Flag.FIN
+                    stream.fin_pending = False
+                out.append(encode_header(FrameType.WINDOW_UPDATE, flags, stream.id, 0))
+                size += 12
+            break
+        if (flags & Flag.FIN) and stream.state is StreamState.CLOSED:
+            self._forget(stream)
+        return size
+
+    def _opening_flags(self, stream: _Stream) -> Flag:
+        if stream.need_syn:
+            stream.need_syn = False
+            return Flag.SYN
+        if stream.need_ack:
+            stream.need_ack = False
+            return Flag.ACK
+        return Flag.NONE
+
+    @staticmethod
+    def _take(stream: _Stream, n: int) -> list[memoryview]:
+        chunks = []
+        left = n
+        while left:
+            head = stream.out[0]
+            if len(head) <= left:
+                chunks.append(stream.out.popleft())
+                left -= len(head)
+            else:
+                chunks.append(head[:left])
+                stream.out[0] = head[left:]
+                left = 0
+        stream.out_bytes -= n
+        stream.send_window -= n
+        return chunks
+
+    # -- input ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[ev.Event]:
+        if self.terminated is not None:
+            return []
+        events: list[ev.Event] = []
+        self._decoder.feed(data)
+        try:
+            while (frame := self._decoder.next_frame()) is not None:
+                self._handle(frame, now, events)
+        except ProtocolError as exc:
+            self.go_away(GoAwayCode.PROTOCOL_ERROR)
+            self.terminated = ev.ConnectionTerminated(GoAwayCode.PROTOCOL_ERROR, str(exc))
+            events.append(self.terminated)
+        return events
+
+    def _handle(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
+        if frame.type is FrameType.PING:
+            self._handle_ping(frame, now, events)
+        elif frame.type is FrameType.GO_AWAY:
+            self.remote_goaway = True
+            events.append(ev.GoAwayReceived(frame.length))
+        else:
+            self._handle_stream_frame(frame, events)
+
+    def _handle_ping(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
+        if frame.flags & Flag.SYN:
+            self._provoke(encode_header(FrameType.PING, Flag.ACK, 0, frame.length))
+        elif frame.flags & Flag.ACK:
+            if self._ping_sent is not None and frame.length == self._ping_opaque:
+                rtt = max(now - self._ping_sent, 1e-6)
+                self.rtt = rtt if self.rtt is None else 0.875 * self.rtt + 0.125 * rtt
+                self._ping_sent = None
+                events.append(ev.PongReceived(rtt))
+        else:
+            raise ProtocolError("ping with neither SYN nor ACK")
+
+    def _handle_stream_frame(self, frame: Frame, events: list[ev.Event]) -> None:
+        sid = frame.stream_id
+        stream = self._streams.get(sid)
+        if frame.flags & Flag.SYN:
+            if stream is not None or self.is_local(sid) or sid <= self._highest_remote:
+                raise ProtocolError(f"the peer opened stream {sid}, which it may not (re)use")
+            self._highest_remote = sid
+            if (
+                self.local_goaway
+                or len(self._streams) >= self.config.max_streams
+                or len(self._pending_accepts) >= self.config.max_pending_accepts
+            ):
+                self._provoke(encode_header(FrameType.WINDOW_UPDATE, Flag.ACK | Flag.RST, sid, 0))
+                return  # refused: later frames for it are late frames of a known id
+            stream = self._streams[sid] = _Stream(sid, self.config, local=False)
+            self._pending_accepts.add(sid)
+            events.append(ev.StreamOpened(sid))
+        elif stream is None:
+            known = sid < self._next_id if self.is_local(sid) else sid <= self._highest_remote
+            if not known:
+                raise ProtocolError(f"frame for stream {sid}, which was never opened")
+            return  # a late frame for a stream that is gone (reset or refused)
+        if frame.flags & Flag.ACK:
+            stream.acked = True
+        if frame.type is FrameType.WINDOW_UPDATE:
+            if stream.send_window + frame.length > MAX_U32:
+                raise ProtocolError(f"window of stream {sid} grown past 2^32-1")
+            stream.send_window += frame.length
+            if frame.length and stream.wants_turn():
+                self._mark_ready(sid)
+        elif frame.length:
+            if frame.length > stream.recv_window:
+                raise ProtocolError(
+                    f"stream {sid}: {frame.length} bytes of data beyond the "
+                    f"{stream.recv_window} bytes of window granted"
+                )
+            stream.state = transition(stream.state, StreamInput.RECV_DATA, sid)
+            stream.recv_window -= frame.length
+            events.append(ev.DataReceived(sid, bytes(frame.payload)))
+        if frame.flags & Flag.FIN:
+            stream.state = transition(stream.state, StreamInput.RECV_FIN, sid)
+            events.append(ev.StreamEnded(sid))
+            if stream.state is StreamState.CLOSED and not stream.fin_pending:
+                self._forget(stream)
+        if frame.flags & Flag.RST:  # allowed in every state; the stream is gone at once
+            events.append(ev.StreamReset(sid))
+            self._forget(stream)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _provoke(self, frame: bytes) -> None:
+        self._provoked += 1
+        if self._provoked > self.config.max_control_backlog:
+            raise ProtocolError(
+                f"the peer provoked over {self.config.max_control_backlog} replies "
+                "without reading them (a ping or open flood)"
+            )
+        self._control.append(frame)
+
+    def _mark_ready(self, stream_id: int) -> None:
+        if stream_id not in self._in_ready:
+            self._in_ready.add(stream_id)
+            self._ready.append(stream_id)
+
+    def _get(self, stream_id: int) -> _Stream:
+        self._check_alive()
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        return stream
+
+    def _check_alive(self) -> None:
+        if self.terminated is not None:
+            raise LocalProtocolError(f"the session has ended: {self.terminated.reason}")
+
+    def _forget(self, stream: _Stream) -> None:
+        stream.state = StreamState.CLOSED
+        if self._streams.pop(stream.id, None) is not None:
+            self._budget_used -= stream.window - self.config.initial_window
+            self._gone.append(stream.id)
+        self._pending_accepts.discard(stream.id)
+        self._in_ready.discard(stream.id)

@@ -1,0 +1,25 @@
+"""Mux errors: the peer broke the protocol, or our own code misused the API."""
+
+from enum import IntEnum
+
+
+class GoAwayCode(IntEnum):
+    """Yamux's go-away codes, carried in the Length field of a Go Away frame."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    INTERNAL_ERROR = 2
+
+
+class MuxError(Exception):
+    pass
+
+
+class ProtocolError(MuxError):
+    """The peer broke the protocol; the session answers with go-away and ends."""
+
+    error_code = GoAwayCode.PROTOCOL_ERROR
+
+
+class LocalProtocolError(MuxError):
+    """Our own caller asked for something the protocol does not allow (a bug or a race)."""

@@ -1,0 +1,62 @@
+"""One stream's life as a table: (state, input) -> next state; a missing key is an error.
+
+        OPEN --send FIN--> HALF_CLOSED_LOCAL --recv FIN--> CLOSED
+          |                                                  ^
+          +----recv FIN--> HALF_CLOSED_REMOTE --send FIN-----+
+        any state --send RST / recv RST--> CLOSED
+
+Data may be sent while our side is open and received while theirs is. A local input that
+is missing from the table is the caller's bug (LocalProtocolError); a remote one is the
+peer's (ProtocolError, which ends the session).
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+
+from tete_tunnel.mux.errors import LocalProtocolError, ProtocolError
+
+
+class StreamState(Enum):
+    OPEN = auto()
+    HALF_CLOSED_LOCAL = auto()  # we sent FIN
+    HALF_CLOSED_REMOTE = auto()  # they sent FIN
+    CLOSED = auto()
+
+
+class StreamInput(Enum):
+    SEND_DATA = auto()
+    SEND_FIN = auto()
+    SEND_RST = auto()
+    RECV_DATA = auto()
+    RECV_FIN = auto()
+    RECV_RST = auto()
+
+
+_LOCAL = {StreamInput.SEND_DATA, StreamInput.SEND_FIN, StreamInput.SEND_RST}
+
+S, I = StreamState, StreamInput
+TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (S.OPEN, I.SEND_DATA): S.OPEN,
+    (S.OPEN, I.RECV_DATA): S.OPEN,
+    (S.OPEN, I.SEND_FIN): S.HALF_CLOSED_LOCAL,
+    (S.OPEN, I.RECV_FIN): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_LOCAL, I.RECV_DATA): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, I.RECV_FIN): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, I.SEND_DATA): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, I.SEND_FIN): S.CLOSED,
+}
+for _state in (S.OPEN, S.HALF_CLOSED_LOCAL, S.HALF_CLOSED_REMOTE):
+    TRANSITIONS[_state, I.SEND_RST] = S.CLOSED
+    TRANSITIONS[_state, I.RECV_RST] = S.CLOSED
+del S, I, _state
+
+
+def transition(state: StreamState, event: StreamInput, stream_id: int) -> StreamState:
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        what = f"{event.name.lower().replace('_', ' ')} on stream {stream_id} in state {state.name}"
+        if event in _LOCAL:
+            raise LocalProtocolError(f"cannot {what}") from None
+        raise ProtocolError(f"the peer sent {what}") from None
