@@ -35,21 +35,21 @@ class StreamInput(Enum):
 
 _LOCAL = {StreamInput.SEND_DATA, StreamInput.SEND_FIN, StreamInput.SEND_RST}
 
-S, I = StreamState, StreamInput
+S, In = StreamState, StreamInput
 TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
-    (S.OPEN, I.SEND_DATA): S.OPEN,
-    (S.OPEN, I.RECV_DATA): S.OPEN,
-    (S.OPEN, I.SEND_FIN): S.HALF_CLOSED_LOCAL,
-    (S.OPEN, I.RECV_FIN): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_LOCAL, I.RECV_DATA): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, I.RECV_FIN): S.CLOSED,
-    (S.HALF_CLOSED_REMOTE, I.SEND_DATA): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, I.SEND_FIN): S.CLOSED,
+    (S.OPEN, In.SEND_DATA): S.OPEN,
+    (S.OPEN, In.RECV_DATA): S.OPEN,
+    (S.OPEN, In.SEND_FIN): S.HALF_CLOSED_LOCAL,
+    (S.OPEN, In.RECV_FIN): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_LOCAL, In.RECV_DATA): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, In.RECV_FIN): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, In.SEND_DATA): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, In.SEND_FIN): S.CLOSED,
 }
 for _state in (S.OPEN, S.HALF_CLOSED_LOCAL, S.HALF_CLOSED_REMOTE):
-    TRANSITIONS[_state, I.SEND_RST] = S.CLOSED
-    TRANSITIONS[_state, I.RECV_RST] = S.CLOSED
-del S, I, _state
+    TRANSITIONS[_state, In.SEND_RST] = S.CLOSED
+    TRANSITIONS[_state, In.RECV_RST] = S.CLOSED
+del S, In, _state
 
 
 def transition(state: StreamState, event: StreamInput, stream_id: int) -> StreamState:
