@@ -8,6 +8,7 @@ none but the first two; daemon threads never hold up exit when a terminal read i
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
@@ -15,10 +16,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tete_tunnel import log as logmod
-from tete_tunnel.errors import TeteError
+from tete_tunnel import preamble
+from tete_tunnel.errors import LinkLost, TeteError
 from tete_tunnel.link import LinkConfig, establish
-from tete_tunnel.rawstream import LinkStream, PeerLeft
+from tete_tunnel.session import PeerLeft, Session, Stream, StreamReset
 from tete_tunnel.shutdown import Interrupted, Signals
+
+log = logging.getLogger("tete_tunnel")
 
 CHUNK = 256 * 1024
 
@@ -121,30 +125,71 @@ class StdoutSink:
             raise TeteError(f"cannot write standard output: {error.strerror}")
 
 
+class PipeStream:
+    """A mux stream seen as pipe's byte stream; the opener first reads the peer's answer."""
+
+    def __init__(self, session: Session, stream: Stream, *, awaiting_answer: bool) -> None:
+        self._session = session
+        self._stream = stream
+        self._awaiting_answer = awaiting_answer
+
+    async def read(self) -> bytes:
+        try:
+            if self._awaiting_answer:
+                answer = await preamble.read_message(self._stream)
+                self._awaiting_answer = False
+                if isinstance(answer, preamble.Refuse):
+                    raise TeteError(f"the peer refused the pipe: {answer.reason}")
+                if not isinstance(answer, preamble.Accept):
+                    raise TeteError("the peer answered the pipe request with nonsense")
+            return await self._stream.read(CHUNK)
+        except StreamReset as exc:
+            raise LinkLost("the peer reset the pipe") from exc
+
+    async def write(self, data: bytes) -> None:
+        self._stream.write(data)
+        await self._stream.drain()
+
+    async def write_eof(self) -> None:
+        self._stream.write_eof()
+
+    async def wait_peer_leaving(self) -> None:
+        await self._session.wait_ended()
+        raise PeerLeft
+
+
 async def _send_all(source: StdinSource, stream: ByteStream) -> None:
     while chunk := await source.read():
         await stream.write(chunk)
     await stream.write_eof()
 
 
-async def _receive_all(stream: ByteStream, sink: StdoutSink) -> None:
+async def _receive_all(stream: ByteStream, sink: StdoutSink, status: _Status) -> None:
     while chunk := await stream.read():
         await sink.write(chunk)
     await sink.close()
+    status.peer_done = True
     logmod.event("Peer closed connection")
 
 
-async def run_pipe(stream: ByteStream, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+class _Status:
+    peer_done = False
+
+
+async def run_pipe(
+    stream: ByteStream, stdin_fd: int = 0, stdout_fd: int = 1, status: _Status | None = None
+) -> None:
     """Both directions at once; returns when both are done, raises on the first failure.
 
     Once the peer's data has ended we keep listening while ours is still being sent, so a
-    peer that leaves early (BYE) ends our side at once instead of failing a later write.
+    peer that leaves early ends our side at once instead of failing a later write.
     """
+    status = status or _Status()
     source, sink = StdinSource(stdin_fd), StdoutSink(stdout_fd)
     try:
         async with asyncio.TaskGroup() as tg:
             send = tg.create_task(_send_all(source, stream))
-            await tg.create_task(_receive_all(stream, sink))
+            await tg.create_task(_receive_all(stream, sink, status))
             if not send.done():
                 watch = tg.create_task(stream.wait_peer_leaving())
                 await asyncio.wait([send, watch], return_when=asyncio.FIRST_COMPLETED)
@@ -160,25 +205,80 @@ def _most_telling(group: BaseExceptionGroup) -> BaseException:
     return (leaves or ours or [group])[0]
 
 
+async def _open_pipe(session: Session, is_opener: bool) -> PipeStream:
+    """The TLS client opens the pipe stream; the server accepts it (and only it)."""
+    if is_opener:
+        stream = session.open_stream()
+        stream.write(preamble.encode(preamble.Pipe()))
+        return PipeStream(session, stream, awaiting_answer=True)
+    while True:
+        stream = await session.accept()
+        try:
+            request = await preamble.read_message(stream)
+        except preamble.PreambleError as exc:
+            log.warning("refused a stream from the peer: %s", exc)
+            stream.reset()
+            continue
+        if isinstance(request, preamble.Pipe):
+            stream.write(preamble.encode(preamble.Accept()))
+            return PipeStream(session, stream, awaiting_answer=False)
+        _refuse(stream, "this peer runs `tete-tunnel pipe`, not `forward`")
+
+
+def _refuse(stream: Stream, reason: str) -> None:
+    stream.write(preamble.encode(preamble.Refuse(reason)))
+    stream.close()
+
+
+async def _refuse_streams(session: Session) -> None:
+    """Pipe serves one stream; anything else the peer opens is refused with a reason."""
+    while True:
+        try:
+            stream = await session.accept()
+        except (PeerLeft, TeteError):
+            return  # the session ended; the pipe itself reports why
+        _refuse(stream, "this peer runs `tete-tunnel pipe` and serves nothing else")
+
+
+async def _pipe_over(
+    session: Session, is_opener: bool, stdin_fd: int, stdout_fd: int, status: _Status
+) -> None:
+    try:
+        async with asyncio.TaskGroup() as tg:
+            stream = await _open_pipe(session, is_opener)
+            refuser = tg.create_task(_refuse_streams(session))
+            try:
+                await run_pipe(stream, stdin_fd, stdout_fd, status)
+            finally:
+                refuser.cancel()
+    except BaseExceptionGroup as group:
+        raise _most_telling(group) from None
+
+
 async def pipe_command(config: LinkConfig, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
-    """The whole `tete-tunnel pipe`: link up, move bytes both ways, close in order."""
+    """The whole `tete-tunnel pipe`: link up, one stream both ways, close in order."""
     with Signals() as signals:
         try:
             link = await signals.interruptible(establish(config))
         except Interrupted:
             raise TeteError("interrupted before the peer was connected") from None
-        stream = LinkStream(link)
-        try:
-            await signals.interruptible(run_pipe(stream, stdin_fd, stdout_fd))
-        except Interrupted:
-            await stream.goodbye()
-            logmod.event("Closed connection")
-            return
-        except PeerLeft:
-            await stream.close()
-            return
-        except BaseException:
-            await stream.abort()
-            raise
-        await stream.close()
+        status = _Status()
+        async with Session(
+            link.reader, link.writer, client=link.is_tls_client, keepalive=config.keepalive
+        ) as session:
+            try:
+                await signals.interruptible(
+                    _pipe_over(session, link.is_tls_client, stdin_fd, stdout_fd, status)
+                )
+            except Interrupted:
+                await session.close()
+                logmod.event("Closed connection")
+                return
+            except PeerLeft:
+                if not status.peer_done:
+                    logmod.event("Peer closed connection")
+                return
+            await session.close()
+        if session.error is not None:
+            raise session.error
         logmod.event("Closed connection")

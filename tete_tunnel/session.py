@@ -58,10 +58,10 @@ class Stream:
     async def read(self, n: int = -1) -> bytes:
         """Up to n bytes (all buffered if n < 0); b"" once the peer has ended its side."""
         while not self._buffer:
+            if self._eof:  # data and FIN that arrived before a session end still count
+                return b""
             if self._error is not None:
                 raise self._error
-            if self._eof:
-                return b""
             self._readable.clear()
             await self._readable.wait()
         if n < 0 or n >= len(self._buffer[0]):
@@ -209,9 +209,11 @@ class Session:
             if exc is None:
                 await self.close()
             else:
-                self._abort(exc)
+                self._abort(exc if isinstance(exc, Exception) else LinkLost("cancelled"))
         finally:
-            await self._tasks.__aexit__(exc_type, exc, tb)
+            # Our own tasks are cancelled by now; the body's exception passes through as
+            # it is, not wrapped in a group.
+            await self._tasks.__aexit__(None, None, None)
 
     async def close(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
         """Orderly end: go away, flush, let the peer close first (no RST), then close."""
@@ -375,11 +377,15 @@ class Session:
             elif isinstance(event, ev.PongReceived):
                 log.debug("pong: rtt %.2f ms", event.rtt * 1000)
             elif isinstance(event, ev.GoAwayReceived):
+                # Our peers send go-away only when ending the whole session (see
+                # docs/PROTOCOL.md), so its streams end here too, after what arrived.
                 self.peer_left = True
                 if event.error_code != GoAwayCode.NORMAL:
                     log.warning("the peer ended the session: error code %d", event.error_code)
-                if self.conn.local_goaway:  # both agree: nothing more will be said
-                    self._want_write.set()
+                    self._finish_after_flush(
+                        LinkLost(f"the peer ended the session with error code {event.error_code}")
+                    )
+                else:
                     self._finish_after_flush()
             elif isinstance(event, ev.ConnectionTerminated):
                 log.warning("error: %s; closing the session", event.reason)
