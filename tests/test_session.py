@@ -1,0 +1,363 @@
+"""The asyncio session over real socketpairs: isolation, hostile peers, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import os
+import socket
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psutil
+import pytest
+
+from tete_tunnel.errors import LinkLost
+from tete_tunnel.mux import INITIAL_WINDOW
+from tete_tunnel.mux.frames import Flag, FrameDecoder, FrameType, encode_header
+from tete_tunnel.session import PeerLeft, Session, Stream
+
+
+async def streams_pair() -> tuple[tuple, tuple, socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    ra, wa = await asyncio.open_connection(sock=a)
+    rb, wb = await asyncio.open_connection(sock=b)
+    return (ra, wa), (rb, wb), a, b
+
+
+@asynccontextmanager
+async def session_pair() -> AsyncIterator[tuple[Session, Session]]:
+    (ra, wa), (rb, wb), _, _ = await streams_pair()
+    async with Session(ra, wa, client=True) as sa, Session(rb, wb, client=False) as sb:
+        yield sa, sb
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def read_all(stream: Stream) -> bytes:
+    parts = []
+    while chunk := await stream.read():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def test_bytes_both_ways_and_half_close() -> None:
+    async def main() -> None:
+        async with session_pair() as (sa, sb):
+            s = sa.open_stream()
+            s.write(b"request")
+            s.write_eof()
+            t = await sb.accept()
+            assert await read_all(t) == b"request"
+            t.write(b"reply after EOF")  # half-close: the other direction still works
+            t.write_eof()
+            assert await read_all(s) == b"reply after EOF"
+            await asyncio.wait_for(s.wait_closed(), 5)
+            await asyncio.wait_for(t.wait_closed(), 5)
+            assert sa.conn.stream_ids == [] and sb.conn.stream_ids == []
+
+    run(main())
+
+
+def test_blocked_reader_does_not_slow_another_stream() -> None:
+    """Stream 1's reader never reads; stream 2 still moves 64 MiB; stream 1 stays in window."""
+
+    async def main() -> None:
+        async with session_pair() as (sa, sb):
+            blocked = sa.open_stream()
+            blocked_in = None
+            payload = os.urandom(1 << 20)
+
+            async def flood_blocked() -> None:
+                while True:  # more than any window: its writer must end up waiting
+                    blocked.write(payload)
+                    await blocked.drain()
+
+            flooder = asyncio.create_task(flood_blocked())
+            blocked_in = await sb.accept()  # accepted, never read
+            fast = sa.open_stream()
+            fast_in = await sb.accept()
+            total = 64 << 20
+            digest = hashlib.sha256()
+
+            async def send() -> None:
+                for _ in range(total // len(payload)):
+                    fast.write(payload)
+                    await fast.drain()
+                fast.write_eof()
+
+            async def receive() -> int:
+                n = 0
+                while chunk := await fast_in.read():
+                    digest.update(chunk)
+                    n += len(chunk)
+                return n
+
+            try:
+                _, received = await asyncio.gather(send(), receive())
+            finally:
+                flooder.cancel()
+                await asyncio.gather(flooder, return_exceptions=True)
+            assert received == total
+            assert digest.digest() == hashlib.sha256(payload * (total // len(payload))).digest()
+            # The blocked stream holds no more than the window it granted.
+            assert 0 < blocked_in._buffered <= INITIAL_WINDOW
+            blocked.reset()
+
+    run(main())
+
+
+def test_ten_thousand_streams_in_sequence_and_a_thousand_at_once_leak_nothing() -> None:
+    proc = psutil.Process()
+
+    async def echo_server(sb: Session, count: int) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(count):
+                t = await sb.accept()
+                tg.create_task(echo(t))
+
+    async def echo(t: Stream) -> None:
+        data = await read_all(t)
+        t.write(data)
+        t.write_eof()
+        await t.wait_closed()
+
+    async def client(sa: Session, i: int) -> None:
+        s = sa.open_stream()
+        msg = f"stream {i} ".encode() * 10
+        s.write(msg)
+        s.write_eof()
+        assert await read_all(s) == msg
+        await s.wait_closed()
+
+    async def main() -> tuple[int, int]:
+        async with session_pair() as (sa, sb):
+            fds_before = proc.num_fds()
+            tasks_before = len(asyncio.all_tasks())
+            server = asyncio.create_task(echo_server(sb, 10_000 + 1_000))
+            for i in range(10_000):
+                await client(sa, i)
+            await asyncio.gather(*(client(sa, i) for i in range(1_000)))
+            await asyncio.wait_for(server, 30)
+            await asyncio.sleep(0.1)
+            assert sa.conn.stream_ids == [] and sb.conn.stream_ids == []
+            assert sa._streams == {} and sb._streams == {}
+            assert len(asyncio.all_tasks()) == tasks_before
+            return fds_before, proc.num_fds()
+
+    before, after = run(main())
+    assert after == before
+
+
+async def hostile_pair(
+    max_streams: int | None = None,
+) -> tuple[Session, socket.socket, asyncio.StreamWriter]:
+    from tete_tunnel.mux import Config
+
+    a, b = socket.socketpair()
+    b.setblocking(True)
+    ra, wa = await asyncio.open_connection(sock=a)
+    config = Config(max_streams=max_streams) if max_streams else None
+    session = Session(ra, wa, client=True, config=config)
+    return session, b, wa
+
+
+def read_goaway(sock: socket.socket) -> int:
+    """Read frames the honest side sent until its go-away; return the go-away code."""
+    sock.settimeout(10)
+    decoder = FrameDecoder()
+    while True:
+        data = sock.recv(1 << 16)
+        assert data, "the honest side closed without a go-away"
+        decoder.feed(data)
+        for frame in decoder.frames():
+            if frame.type is FrameType.GO_AWAY:
+                return frame.length
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["beyond-window", "huge-length", "bad-version", "unknown-type", "wrong-parity"],
+)
+def test_hostile_peer_is_cut_off_with_go_away(attack: str) -> None:
+    async def main() -> tuple[int, BaseException | None, int]:
+        session, raw, _ = await hostile_pair()
+        tracemalloc.start()
+        async with session:
+            if attack == "beyond-window":
+                frame = encode_header(FrameType.DATA, Flag.SYN, 2, INITIAL_WINDOW + 1)
+                frame += b"x" * (INITIAL_WINDOW + 1)
+            elif attack == "huge-length":
+                frame = encode_header(FrameType.DATA, Flag.SYN, 2, 1 << 30) + b"x" * 1000
+            elif attack == "bad-version":
+                frame = b"\x01" + encode_header(FrameType.PING, Flag.SYN, 0, 1)[1:]
+            elif attack == "unknown-type":
+                frame = b"\x00\x07" + encode_header(FrameType.PING, Flag.SYN, 0, 1)[2:]
+            else:  # the server side opening an odd (client) stream id
+                frame = encode_header(FrameType.WINDOW_UPDATE, Flag.SYN, 1, 0)
+            await asyncio.to_thread(raw.sendall, frame)
+            code = await asyncio.to_thread(read_goaway, raw)
+            await asyncio.wait_for(session.ended.wait(), 10)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        raw.close()
+        return code, session.error, peak
+
+    code, error, peak = run(main())
+    assert code == 1  # PROTOCOL_ERROR
+    assert isinstance(error, LinkLost) and "protocol error" in str(error)
+    assert peak < 8 << 20, f"honest side allocated {peak} bytes under attack"
+
+
+def test_open_flood_past_the_limit_is_refused_then_cut_off() -> None:
+    async def main() -> tuple[int, int, BaseException | None, int]:
+        session, raw, _ = await hostile_pair(max_streams=64)
+        tracemalloc.start()
+        resets = 0
+        async with session:
+            opens = b"".join(
+                encode_header(FrameType.WINDOW_UPDATE, Flag.SYN, 2 * i, 0) for i in range(1, 5001)
+            )
+            sender = asyncio.create_task(asyncio.to_thread(raw.sendall, opens))
+            raw.settimeout(10)
+            decoder = FrameDecoder()
+            code = -1
+            while code < 0:
+                data = await asyncio.to_thread(raw.recv, 1 << 16)
+                if not data:
+                    break
+                decoder.feed(data)
+                for frame in decoder.frames():
+                    if frame.flags & Flag.RST:
+                        resets += 1
+                    if frame.type is FrameType.GO_AWAY:
+                        code = frame.length
+            await asyncio.wait_for(session.ended.wait(), 10)
+            assert len(session.conn.stream_ids) <= 64
+            raw.shutdown(socket.SHUT_RDWR)
+            await asyncio.gather(sender, return_exceptions=True)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        raw.close()
+        return code, resets, session.error, peak
+
+    code, resets, error, peak = run(main())
+    assert resets > 0  # excess opens were answered with RST first
+    assert code == 1
+    assert isinstance(error, LinkLost)
+    assert peak < 16 << 20
+
+
+def test_orderly_close_tells_the_peer() -> None:
+    async def main() -> None:
+        async with session_pair() as (sa, sb):
+            s = sa.open_stream()
+            t = await sb.accept()
+            await sa.close()
+            with pytest.raises(PeerLeft):
+                await t.read()
+            await asyncio.wait_for(sb.ended.wait(), 5)
+            assert sb.error is None and sb.peer_left
+            with pytest.raises((PeerLeft, LinkLost)):
+                s.write(b"late")
+
+    run(main())
+
+
+def test_keepalive_detects_a_silent_peer() -> None:
+    from tete_tunnel.mux import Config
+
+    async def main() -> BaseException | None:
+        a, b = socket.socketpair()
+        ra, wa = await asyncio.open_connection(sock=a)
+        config = Config(keepalive_interval=0.2, keepalive_timeout=0.6)
+        async with Session(ra, wa, client=True, config=config) as session:
+            # b is never read: pings go unanswered, as with a dead peer or a cut link.
+            await asyncio.wait_for(session.ended.wait(), 10)
+        b.close()
+        return session.error
+
+    error = run(main())
+    assert isinstance(error, LinkLost) and "answered no ping" in str(error)
+
+
+def test_pings_are_not_starved_by_bulk_data() -> None:
+    from tete_tunnel.mux import Config
+
+    async def main() -> list[float]:
+        (ra, wa), (rb, wb), _, _ = await streams_pair()
+        config = Config(keepalive_interval=0.05, keepalive_timeout=5)
+        rtts: list[float] = []
+        async with (
+            Session(ra, wa, client=True, config=config) as sa,
+            Session(rb, wb, client=False) as sb,
+        ):
+            s = sa.open_stream()
+            t = await sb.accept()
+            payload = os.urandom(1 << 20)
+
+            async def bulk() -> None:
+                for _ in range(200):
+                    s.write(payload)
+                    await s.drain()
+                s.write_eof()
+
+            async def sink() -> None:
+                while await t.read():
+                    pass
+
+            original = sa._dispatch
+
+            def spy(events: list) -> None:
+                from tete_tunnel.mux import events as ev
+
+                rtts.extend(e.rtt for e in events if isinstance(e, ev.PongReceived))
+                original(events)
+
+            sa._dispatch = spy  # type: ignore[method-assign]
+            await asyncio.gather(bulk(), sink())
+        return rtts
+
+    rtts = run(main())
+    assert len(rtts) >= 3, "keepalive pings did not get through during bulk transfer"
+    assert max(rtts) < 2.0
+
+
+def test_memory_of_ten_thousand_sequential_streams_is_flat() -> None:
+    async def main() -> tuple[int, int]:
+        async with session_pair() as (sa, sb):
+
+            async def serve() -> None:
+                while True:
+                    try:
+                        t = await sb.accept()
+                    except (PeerLeft, LinkLost):
+                        return
+                    t.write(await read_all(t))
+                    t.write_eof()
+
+            server = asyncio.create_task(serve())
+            sizes = []
+            for round_ in range(2):
+                for _ in range(2000):
+                    s = sa.open_stream()
+                    s.write(b"x" * 100)
+                    s.write_eof()
+                    await read_all(s)
+                gc.collect()
+                sizes.append(tracemalloc.get_traced_memory()[0])
+                del round_
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+            return sizes[0], sizes[1]
+
+    tracemalloc.start()
+    try:
+        first, second = run(main())
+    finally:
+        tracemalloc.stop()
+    assert second - first < 1 << 20, (first, second)
