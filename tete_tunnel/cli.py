@@ -200,6 +200,103 @@ def pipe_command(
     _run(verbose, work)
 
 
+@app.command("forward")
+def forward_command(
+    peer_ip: PeerIp,
+    local: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-L",
+            "--local",
+            metavar="[BIND:]PORT:HOST:HOSTPORT",
+            help="Listen here on BIND:PORT (default bind 127.0.0.1); each connection goes "
+            "to HOST:HOSTPORT as seen from the peer. Repeatable.",
+            rich_help_panel="Forwards",
+        ),
+    ] = None,
+    remote: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-R",
+            "--remote",
+            metavar="[BIND:]PORT:HOST:HOSTPORT",
+            help="Ask the peer to listen on its BIND:PORT (default its 127.0.0.1; port 0: it "
+            "picks one); each connection comes to HOST:HOSTPORT as seen from here. Repeatable.",
+            rich_help_panel="Forwards",
+        ),
+    ] = None,
+    allow_open: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-open",
+            metavar="HOST:PORT",
+            help="Let the peer make us connect there too (default: loopback only). "
+            "HOST:*, *:PORT and 'any' work. Repeatable.",
+            rich_help_panel="Access policy",
+        ),
+    ] = None,
+    allow_listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-listen",
+            metavar="HOST:PORT",
+            help="Let the peer make us listen there too (default: loopback only). Repeatable.",
+            rich_help_panel="Access policy",
+        ),
+    ] = None,
+    keep_going: Annotated[
+        bool,
+        typer.Option(
+            "--keep-going",
+            help="Go on when a forward cannot be set up (default: exit 1, like ssh's "
+            "ExitOnForwardFailure).",
+            rich_help_panel="Forwards",
+        ),
+    ] = False,
+    my_ip: MyIp = None,
+    lport: LPort = DEFAULT_PORT,
+    rport: RPort = DEFAULT_PORT,
+    peer_id: PeerId = None,
+    code: Code = None,
+    identity: IdentityDir = None,
+    timeout: Timeout = DEFAULT_TIMEOUT,
+    keepalive: Keepalive = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Forward TCP ports ssh-style: -L here to there, -R there to here.
+
+    With no -L or -R, only serves the peer's requests (within the access policy).
+    """
+    from tete_tunnel.forward import Forwarder, parse_spec
+    from tete_tunnel.forward import forward_command as run
+    from tete_tunnel.policy import Policy, parse_pattern
+
+    def work() -> Coroutine[Any, Any, None]:
+        forwarder = Forwarder(
+            local=[parse_spec(t, "-L") for t in local or []],
+            remote=[parse_spec(t, "-R") for t in remote or []],
+            policy=Policy(
+                allow_open=tuple(parse_pattern(t, "--allow-open") for t in allow_open or []),
+                allow_listen=tuple(parse_pattern(t, "--allow-listen") for t in allow_listen or []),
+            ),
+            keep_going=keep_going,
+        )
+        config = _link_config(
+            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, keepalive
+        )
+        return run(config, forwarder)
+
+    _run(verbose, work)
+
+
+@app.command("demo")
+def demo_command(verbose: Verbose = 0) -> None:
+    """Try it on this machine: two peers, a web page through -L, data through pipe."""
+    from tete_tunnel.demo import run_demo
+
+    _run(verbose, run_demo)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"tete-tunnel {__version__}")

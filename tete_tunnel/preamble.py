@@ -7,7 +7,10 @@ acceptor answers ACCEPT or REFUSE with a reason before any data of its own. Both
     PIPE                       (no body)
     CONNECT    port u16 | host (UTF-8)      connect to host:port on the acceptor's side
     FORWARDED  listener u32                 a connection arrived at a -R listener
+    LISTEN     port u16 | host (UTF-8)      listen on host:port on the acceptor's side (-R);
+                                            the stream stays open as long as the listener
     ACCEPT     (no body)
+    BOUND      port u16                     LISTEN's success: the port actually bound
     REFUSE     reason (UTF-8)
 """
 
@@ -29,8 +32,10 @@ class Kind(IntEnum):
     PIPE = 1
     CONNECT = 2
     FORWARDED = 3
+    LISTEN = 4
     ACCEPT = 0x80
     REFUSE = 0x81
+    BOUND = 0x82
 
 
 class PreambleError(TeteError):
@@ -54,8 +59,19 @@ class Forwarded:
 
 
 @dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int  # 0: the acceptor picks a free port and reports it in BOUND
+
+
+@dataclass(frozen=True)
 class Accept:
     pass
+
+
+@dataclass(frozen=True)
+class Bound:
+    port: int
 
 
 @dataclass(frozen=True)
@@ -63,8 +79,8 @@ class Refuse:
     reason: str
 
 
-Request = Pipe | Connect | Forwarded
-Answer = Accept | Refuse
+Request = Pipe | Connect | Forwarded | Listen
+Answer = Accept | Bound | Refuse
 
 
 def encode(message: Request | Answer) -> bytes:
@@ -78,8 +94,15 @@ def encode(message: Request | Answer) -> bytes:
             body = bytes([Kind.CONNECT]) + _LEN.pack(port) + name
         case Forwarded(listener_id):
             body = bytes([Kind.FORWARDED]) + struct.pack("!I", listener_id)
+        case Listen(host, port):
+            name = host.encode("utf-8")
+            if not name or len(name) > 255 or not 0 <= port < 65536:
+                raise ValueError(f"bad listen address {host!r}:{port}")
+            body = bytes([Kind.LISTEN]) + _LEN.pack(port) + name
         case Accept():
             body = bytes([Kind.ACCEPT])
+        case Bound(port):
+            body = bytes([Kind.BOUND]) + _LEN.pack(port)
         case Refuse(reason):
             body = bytes([Kind.REFUSE]) + reason.encode("utf-8")[: MAX_LENGTH - 1]
     return _LEN.pack(len(body)) + body
@@ -100,8 +123,15 @@ def decode(body: bytes) -> Request | Answer:
                 return Connect(host, port)
         if kind == Kind.FORWARDED and len(rest) == 4:
             return Forwarded(struct.unpack("!I", rest)[0])
+        if kind == Kind.LISTEN and len(rest) >= 3:
+            (port,) = _LEN.unpack(rest[:2])
+            host = rest[2:].decode("utf-8")
+            if len(rest) - 2 <= 255 and host.isprintable():
+                return Listen(host, port)
         if kind == Kind.ACCEPT and not rest:
             return Accept()
+        if kind == Kind.BOUND and len(rest) == 2:
+            return Bound(_LEN.unpack(rest)[0])
         if kind == Kind.REFUSE:
             return Refuse(rest.decode("utf-8", errors="replace"))
     except UnicodeDecodeError:

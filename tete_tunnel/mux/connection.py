@@ -42,7 +42,7 @@ class Config:
     # make us buffer beyond max_streams * initial_window.
     window_budget: int = 64 * 1024 * 1024
     max_streams: int = 2048  # open at once, both directions; excess peer opens get RST
-    max_pending_accepts: int = 256  # peer opens the application has not accepted yet
+    max_pending_accepts: int = 1024  # peer opens the application has not accepted yet
     # Frames the peer provokes (pongs, refusals) that may wait unsent; more means it floods
     # us while not reading.
     max_control_backlog: int = 1024
@@ -341,7 +341,9 @@ class Connection:
             while (frame := self._decoder.next_frame()) is not None:
                 self._handle(frame, now, events)
         except ProtocolError as exc:
-            self.go_away(GoAwayCode.PROTOCOL_ERROR)
+            # queued even after a normal go-away of ours: the peer learns why it ends
+            self.local_goaway = True
+            self._control.append(encode_header(FrameType.GO_AWAY, Flag.NONE, 0, exc.error_code))
             self.terminated = ev.ConnectionTerminated(GoAwayCode.PROTOCOL_ERROR, str(exc))
             events.append(self.terminated)
         return events

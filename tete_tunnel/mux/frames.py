@@ -69,7 +69,7 @@ def _check_header(version: int, type_: int, flags: int, stream_id: int, length: 
         frame_type = FrameType(type_)
     except ValueError:
         raise ProtocolError(f"unknown frame type {type_}") from None
-    if flags & ~KNOWN_FLAGS:
+    if flags & ~int(KNOWN_FLAGS):  # int: ~ on an IntFlag keeps only its own bits
         raise ProtocolError(f"unknown flags {flags:#x} on a {frame_type.name} frame")
     if frame_type in (FrameType.PING, FrameType.GO_AWAY) and stream_id != 0:
         raise ProtocolError(f"{frame_type.name} frame on stream {stream_id}, not 0")

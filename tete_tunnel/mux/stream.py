@@ -49,6 +49,8 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
 for _state in (S.OPEN, S.HALF_CLOSED_LOCAL, S.HALF_CLOSED_REMOTE):
     TRANSITIONS[_state, In.SEND_RST] = S.CLOSED
     TRANSITIONS[_state, In.RECV_RST] = S.CLOSED
+# Both sides ended, but our FIN still waits behind unsent data: a reset drops it.
+TRANSITIONS[S.CLOSED, In.SEND_RST] = S.CLOSED
 del S, In, _state
 
 
