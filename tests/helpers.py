@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TOOL = [sys.executable, "-m", "tete_tunnel"]
+SERVERS = [sys.executable, "-m", "tests.servers"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -47,6 +49,7 @@ def wait_for_text(path: Path, text: str, timeout: float, count: int = 1) -> str:
 def env_without_config(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(home / "xdg")
+    env["PYTHONPATH"] = str(REPO)
     env.pop("PYTHONWARNINGS", None)
     return env
 
@@ -99,6 +102,7 @@ class Procs:
         name: str | None = None,
         stdin_fd: int | None = None,
         stdout_fd: int | None = None,
+        command: list[str] | None = None,
     ) -> Proc:
         """Start the tool; stdin/stdout are files unless raw descriptors are given."""
         self.count += 1
@@ -111,11 +115,12 @@ class Procs:
         out_path, err_path = self.tmp / f"{name}.out", self.tmp / f"{name}.err"
         fout, ferr = open(out_path, "wb"), open(err_path, "wb")
         popen = subprocess.Popen(
-            [*(prefix or []), *TOOL, *args],
+            [*(prefix or []), *(command if command is not None else TOOL), *args],
             stdin=stdin_fd if stdin_fd is not None else fin,
             stdout=stdout_fd if stdout_fd is not None else fout,
             stderr=ferr,
             env=env or env_without_config(self.tmp),
+            cwd=REPO,
         )
         files = [fout, ferr] + ([fin] if fin is not subprocess.DEVNULL else [])
         proc = Proc(popen, out_path, err_path, files)

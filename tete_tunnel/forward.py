@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ log = logging.getLogger("tete_tunnel")
 SPEC_SYNTAX = "[bind_address:]port:host:hostport (IPv6 addresses in brackets)"
 PREAMBLE_TIMEOUT = 10.0  # a peer's open request must arrive within this
 CONNECT_TIMEOUT = 10.0  # connecting to a target
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 512  # bursts of connections wait in the kernel, not in memory
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ async def connect_target(host: str, port: int, addresses: list[tuple]) -> tuple:
         except OSError as exc:
             sock.close()
             last = exc
-    reason = last.strerror if last is not None and last.strerror else str(last)
+    # asyncio words connect failures as "Connect call failed (...)": say what errno means.
+    reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
     raise TeteError(f"cannot connect to {endpoint(host, port)}: {reason}")
 
 
