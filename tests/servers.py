@@ -1,7 +1,7 @@
 """Tiny servers and clients for the forward tests, run as processes (also in namespaces).
 
     python -m tests.servers http PORT FILE      serve FILE's bytes at every path
-    python -m tests.servers echo PORT           echo every byte, half-close after EOF
+    python -m tests.servers echo PORT [HOST]    echo every byte, half-close after EOF
     python -m tests.servers linecount PORT      read to EOF, then answer "<lines>\\n"
     python -m tests.servers fetch URL N         N concurrent GETs; print each body's sha256
 Servers print "ready <port>" once listening (PORT 0: any free port).
@@ -38,7 +38,7 @@ def serve_http(port: int, path: str) -> None:
     server.serve_forever()
 
 
-async def serve_stream(port: int, kind: str) -> None:
+async def serve_stream(port: int, kind: str, host: str = "127.0.0.1") -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             writer.write(data)
@@ -55,7 +55,7 @@ async def serve_stream(port: int, kind: str) -> None:
         writer.close()
 
     handler = echo if kind == "echo" else linecount
-    server = await asyncio.start_server(handler, "127.0.0.1", port, backlog=1024)
+    server = await asyncio.start_server(handler, host, port, backlog=1024)
     print("ready", server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
@@ -75,7 +75,7 @@ def main() -> None:
     if kind == "http":
         serve_http(int(sys.argv[2]), sys.argv[3])
     elif kind in ("echo", "linecount"):
-        asyncio.run(serve_stream(int(sys.argv[2]), kind))
+        asyncio.run(serve_stream(int(sys.argv[2]), kind, *sys.argv[3:4]))
     elif kind == "fetch":
         fetch(sys.argv[2], int(sys.argv[3]))
     else:

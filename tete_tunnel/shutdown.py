@@ -27,8 +27,11 @@ class Signals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # The work is over and we are on our way out: a late Ctrl-C or SIGTERM must not
+        # turn a clean end into a KeyboardInterrupt or a kill.
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
     async def interruptible(self, work: Coroutine[Any, Any, T]) -> T:
         """The result of `work`, or Interrupted (with `work` cancelled and awaited)."""
