@@ -189,3 +189,40 @@ def test_ipv6_loopback(procs: Procs, tmp_path: Path) -> None:
     assert b.wait(30) == 0, b.err
     assert (a.out, b.out) == (data_b, data_a)
     assert f"[::1]:{pb}" in a.err
+
+
+def test_slow_reader_gets_every_byte(procs: Procs, tmp_path: Path) -> None:
+    """Regression: the sender's session end must not overtake its queued data.
+
+    The receiver's stdout is a pipe drained slowly, so the sender finishes long before its
+    data has left; the receiver must still get all of it (and both exit 0).
+    """
+    import threading
+
+    data = os.urandom(8 << 20)
+    pa, pb = free_ports(2)
+    args_a, args_b = pair_args(pa, pb)
+    r, w = os.pipe()
+    digest = hashlib.sha256()
+    received = 0
+
+    def slow_drain() -> None:
+        nonlocal received
+        with os.fdopen(r, "rb", buffering=0) as f:
+            while chunk := f.read(65536):
+                digest.update(chunk)
+                received += len(chunk)
+                time.sleep(0.005)  # ~13 MB/s: far slower than the link
+
+    drainer = threading.Thread(target=slow_drain)
+    drainer.start()
+    try:
+        a = procs.start(["pipe", *args_a, "--identity", str(tmp_path / "a")], stdin=data)
+        b = procs.start(["pipe", *args_b, "--identity", str(tmp_path / "b")], stdout_fd=w)
+    finally:
+        os.close(w)
+    assert a.wait(120) == 0, a.err
+    assert b.wait(120) == 0, b.err
+    drainer.join(60)
+    assert received == len(data)
+    assert digest.digest() == hashlib.sha256(data).digest()

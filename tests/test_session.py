@@ -17,7 +17,7 @@ import pytest
 from tete_tunnel.errors import LinkLost
 from tete_tunnel.mux import INITIAL_WINDOW
 from tete_tunnel.mux.frames import Flag, FrameDecoder, FrameType, encode_header
-from tete_tunnel.session import PeerLeft, Session, Stream
+from tete_tunnel.session import PeerLeft, Session, Stream, StreamReset
 
 
 async def streams_pair() -> tuple[tuple, tuple, socket.socket, socket.socket]:
@@ -258,7 +258,7 @@ def test_orderly_close_tells_the_peer() -> None:
             s = sa.open_stream()
             t = await sb.accept()
             await sa.close()
-            with pytest.raises(PeerLeft):
+            with pytest.raises((PeerLeft, StreamReset)):  # abandoned streams are reset
                 await t.read()
             await asyncio.wait_for(sb.ended.wait(), 5)
             assert sb.error is None and sb.peer_left
@@ -361,3 +361,59 @@ def test_memory_of_ten_thousand_sequential_streams_is_flat() -> None:
     finally:
         tracemalloc.stop()
     assert second - first < 1 << 20, (first, second)
+
+
+def test_close_after_delivery_loses_nothing_with_a_slow_reader() -> None:
+    """Regression: a go-away must not overtake a stream's queued tail and FIN.
+
+    The writer ends its stream, waits until it is closed both ways (what pipe does), then
+    closes the session; the slow reader on the other side still gets every byte and EOF.
+    """
+    total = 4 << 20
+    payload = os.urandom(total)
+
+    async def main() -> bytes:
+        async with session_pair() as (sa, sb):
+            s = sa.open_stream()
+
+            async def sender() -> None:
+                s.write(payload)
+                s.write_eof()
+                while await s.read():  # the peer's FIN, as pipe waits for it
+                    pass
+                await asyncio.wait_for(s.wait_closed(), 30)
+                await sa.close()
+
+            async def receiver() -> bytes:
+                t = await sb.accept()
+                t.write_eof()
+                parts = []
+                while True:
+                    await asyncio.sleep(0.002)  # a slow consumer downstream
+                    chunk = await t.read(65536)
+                    if not chunk:
+                        return b"".join(parts)
+                    parts.append(chunk)
+
+            _, got = await asyncio.gather(sender(), receiver())
+            return got
+
+    got = run(main())
+    assert len(got) == total
+    assert got == payload
+
+
+def test_close_resets_abandoned_streams_before_going_away() -> None:
+    async def main() -> None:
+        async with session_pair() as (sa, sb):
+            s = sa.open_stream()
+            s.write(b"x" * (2 << 20))  # more than the window: some stays queued
+            t = await sb.accept()
+            await sa.close()
+            # The peer sees the abandoned stream end by reset or by the session's end, and
+            # never mistakes the cut for a complete transfer (no clean EOF).
+            with pytest.raises((PeerLeft, LinkLost, StreamReset)):
+                while await t.read():
+                    pass
+
+    run(main())

@@ -157,6 +157,10 @@ class PipeStream:
         await self._session.wait_ended()
         raise PeerLeft
 
+    async def wait_delivered(self) -> None:
+        """Until our data and FIN have left (the stream is closed both ways)."""
+        await self._stream.wait_closed()
+
 
 async def _send_all(source: StdinSource, stream: ByteStream) -> None:
     while chunk := await source.read():
@@ -249,6 +253,7 @@ async def _pipe_over(
             refuser = tg.create_task(_refuse_streams(session))
             try:
                 await run_pipe(stream, stdin_fd, stdout_fd, status)
+                await stream.wait_delivered()  # only then may the session go away
             finally:
                 refuser.cancel()
     except BaseExceptionGroup as group:
