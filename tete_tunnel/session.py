@@ -219,11 +219,9 @@ class Session:
         """Orderly end: go away, flush, let the peer close first (no RST), then close."""
         if self.ended.is_set():
             return
-        # Streams still open are abandoned: reset them so that no data of theirs sits
-        # queued behind the go-away (which the peer takes as the end of everything).
+        # The peer takes go-away as the end of everything: streams still open end there
+        # without a clean EOF (it sees PeerLeft), and data still queued on them is dropped.
         # Callers that want a stream's data delivered wait for it to close first.
-        for stream in list(self._streams.values()):
-            stream.reset()
         self.conn.go_away(code)
         self._want_write.set()
         with contextlib.suppress(TimeoutError):
