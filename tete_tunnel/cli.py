@@ -21,6 +21,7 @@ from tete_tunnel.errors import TeteError, UsageError
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.link import DEFAULT_PORT, DEFAULT_TIMEOUT, LinkConfig
 from tete_tunnel.log import log, setup_logging
+from tete_tunnel.malloc import tune_malloc
 from tete_tunnel.secure import Auth
 
 app = typer.Typer(
@@ -141,6 +142,7 @@ def _link_config(
 def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
     """Run a command's work inside the error boundary and exit with its code."""
     setup_logging(verbose)
+    tune_malloc()
     try:
         coro = work()
         if coro is not None:
