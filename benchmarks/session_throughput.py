@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tete_tunnel.carrier import Carrier, plain_carrier
 from tete_tunnel.identity import load_or_create
 from tete_tunnel.secure import Auth, secure
 from tete_tunnel.session import Session, Stream
@@ -26,12 +27,12 @@ from tete_tunnel.session import Session, Stream
 CHUNK = 1 << 20
 
 
-async def socketpair_links() -> tuple[tuple, tuple, bool]:
+async def socketpair_links() -> tuple[Carrier, Carrier, bool]:
     a, b = socket.socketpair()
-    return await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b), True
+    return await plain_carrier(a), await plain_carrier(b), True
 
 
-async def tls_links(tmp: Path) -> tuple[tuple, tuple, bool]:
+async def tls_links(tmp: Path) -> tuple[Carrier, Carrier, bool]:
     """Two authenticated TLS links over loopback TCP, as the tool makes them."""
     ida, idb = load_or_create(tmp / "a"), load_or_create(tmp / "b")
     listener = socket.create_server(("127.0.0.1", 0))
@@ -45,16 +46,16 @@ async def tls_links(tmp: Path) -> tuple[tuple, tuple, bool]:
     for s in (client, server):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     la, lb = await asyncio.gather(secure(client, ida, Auth()), secure(server, idb, Auth()))
-    return (la.reader, la.writer), (lb.reader, lb.writer), la.is_tls_client
+    return la.carrier, lb.carrier, la.is_tls_client
 
 
 async def transfer(links: tuple, total: int, streams: int) -> float:
-    (ra, wa), (rb, wb), a_is_client = links
+    ca, cb, a_is_client = links
     payload = os.urandom(CHUNK)
     per_stream = total // streams
     async with (
-        Session(ra, wa, client=a_is_client) as sa,
-        Session(rb, wb, client=not a_is_client) as sb,
+        Session(ca, client=a_is_client) as sa,
+        Session(cb, client=not a_is_client) as sb,
     ):
 
         async def send(s: Stream) -> None:

@@ -31,7 +31,7 @@ async def both(
     )
     for r, s in zip(results, (sa, sb), strict=True):
         if isinstance(r, SecureLink):
-            r.writer.close()
+            r.carrier.transport.close()
         else:
             s.close()
     return results[0], results[1]

@@ -14,23 +14,22 @@ from contextlib import asynccontextmanager
 import psutil
 import pytest
 
+from tete_tunnel.carrier import Carrier, plain_carrier
 from tete_tunnel.errors import LinkLost
 from tete_tunnel.mux import INITIAL_WINDOW
 from tete_tunnel.mux.frames import Flag, FrameDecoder, FrameType, encode_header
 from tete_tunnel.session import PeerLeft, Session, Stream, StreamReset
 
 
-async def streams_pair() -> tuple[tuple, tuple, socket.socket, socket.socket]:
+async def carriers_pair() -> tuple[Carrier, Carrier]:
     a, b = socket.socketpair()
-    ra, wa = await asyncio.open_connection(sock=a)
-    rb, wb = await asyncio.open_connection(sock=b)
-    return (ra, wa), (rb, wb), a, b
+    return await plain_carrier(a), await plain_carrier(b)
 
 
 @asynccontextmanager
 async def session_pair() -> AsyncIterator[tuple[Session, Session]]:
-    (ra, wa), (rb, wb), _, _ = await streams_pair()
-    async with Session(ra, wa, client=True) as sa, Session(rb, wb, client=False) as sb:
+    ca, cb = await carriers_pair()
+    async with Session(ca, client=True) as sa, Session(cb, client=False) as sb:
         yield sa, sb
 
 
@@ -153,17 +152,14 @@ def test_ten_thousand_streams_in_sequence_and_a_thousand_at_once_leak_nothing() 
     assert after == before
 
 
-async def hostile_pair(
-    max_streams: int | None = None,
-) -> tuple[Session, socket.socket, asyncio.StreamWriter]:
+async def hostile_pair(max_streams: int | None = None) -> tuple[Session, socket.socket]:
     from tete_tunnel.mux import Config
 
     a, b = socket.socketpair()
     b.setblocking(True)
-    ra, wa = await asyncio.open_connection(sock=a)
     config = Config(max_streams=max_streams) if max_streams else None
-    session = Session(ra, wa, client=True, config=config)
-    return session, b, wa
+    session = Session(await plain_carrier(a), client=True, config=config)
+    return session, b
 
 
 def read_goaway(sock: socket.socket) -> int:
@@ -185,7 +181,7 @@ def read_goaway(sock: socket.socket) -> int:
 )
 def test_hostile_peer_is_cut_off_with_go_away(attack: str) -> None:
     async def main() -> tuple[int, BaseException | None, int]:
-        session, raw, _ = await hostile_pair()
+        session, raw = await hostile_pair()
         tracemalloc.start()
         async with session:
             if attack == "beyond-window":
@@ -215,7 +211,7 @@ def test_hostile_peer_is_cut_off_with_go_away(attack: str) -> None:
 
 def test_open_flood_past_the_limit_is_refused_then_cut_off() -> None:
     async def main() -> tuple[int, int, BaseException | None, int]:
-        session, raw, _ = await hostile_pair(max_streams=64)
+        session, raw = await hostile_pair(max_streams=64)
         tracemalloc.start()
         resets = 0
         async with session:
@@ -273,9 +269,8 @@ def test_keepalive_detects_a_silent_peer() -> None:
 
     async def main() -> BaseException | None:
         a, b = socket.socketpair()
-        ra, wa = await asyncio.open_connection(sock=a)
         config = Config(keepalive_interval=0.2, keepalive_timeout=0.6)
-        async with Session(ra, wa, client=True, config=config) as session:
+        async with Session(await plain_carrier(a), client=True, config=config) as session:
             # b is never read: pings go unanswered, as with a dead peer or a cut link.
             await asyncio.wait_for(session.ended.wait(), 10)
         b.close()
@@ -289,12 +284,12 @@ def test_pings_are_not_starved_by_bulk_data() -> None:
     from tete_tunnel.mux import Config
 
     async def main() -> list[float]:
-        (ra, wa), (rb, wb), _, _ = await streams_pair()
+        ca, cb = await carriers_pair()
         config = Config(keepalive_interval=0.05, keepalive_timeout=5)
         rtts: list[float] = []
         async with (
-            Session(ra, wa, client=True, config=config) as sa,
-            Session(rb, wb, client=False) as sb,
+            Session(ca, client=True, config=config) as sa,
+            Session(cb, client=False) as sb,
         ):
             s = sa.open_stream()
             t = await sb.accept()

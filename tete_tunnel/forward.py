@@ -381,7 +381,7 @@ async def forward_command(config: LinkConfig, forwarder: Forwarder) -> None:
             except Interrupted:
                 raise TeteError("interrupted before the peer was connected") from None
             async with Session(
-                link.reader, link.writer, client=link.is_tls_client, keepalive=config.keepalive
+                link.carrier, client=link.is_tls_client, keepalive=config.keepalive
             ) as session:
                 try:
                     await signals.interruptible(forwarder.serve(session))

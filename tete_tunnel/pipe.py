@@ -269,7 +269,7 @@ async def pipe_command(config: LinkConfig, stdin_fd: int = 0, stdout_fd: int = 1
             raise TeteError("interrupted before the peer was connected") from None
         status = _Status()
         async with Session(
-            link.reader, link.writer, client=link.is_tls_client, keepalive=config.keepalive
+            link.carrier, client=link.is_tls_client, keepalive=config.keepalive
         ) as session:
             try:
                 await signals.interruptible(

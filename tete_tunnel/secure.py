@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import spake2
 
 from tete_tunnel import hello as msg
+from tete_tunnel.carrier import Carrier
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, fingerprint, format_id
 
@@ -36,7 +37,6 @@ ALPN = "tete/1"
 READY = b"TETE\x01RDY"  # 8 bytes, the TLS server's first application data
 PREAUTH_TIMEOUT = 10.0  # HELLO to READY; a stalling stranger is dropped after this
 SPAKE_ID = b"tete-tunnel/1"
-STREAM_LIMIT = 1 << 20  # asyncio StreamReader buffer bound
 
 
 class Mode(enum.Enum):
@@ -61,8 +61,7 @@ class Auth:
 
 @dataclass
 class SecureLink:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    carrier: Carrier  # the TLS transport, for the session to take over
     peer_id: str
     is_tls_client: bool
     mode: Mode
@@ -130,19 +129,15 @@ def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.
     return ctx
 
 
-async def _tls(
-    sock: socket.socket, ctx: ssl.SSLContext, server_side: bool
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> Carrier:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-    protocol = asyncio.StreamReaderProtocol(reader)
     if server_side:
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx)
+        _, carrier = await loop.connect_accepted_socket(Carrier, sock, ssl=ctx)
     else:
-        transport, _ = await loop.create_connection(
-            lambda: protocol, sock=sock, ssl=ctx, server_hostname="tete-tunnel"
+        _, carrier = await loop.create_connection(
+            Carrier, sock=sock, ssl=ctx, server_hostname="tete-tunnel"
         )
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    return carrier
 
 
 async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureLink:
@@ -227,32 +222,30 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
 
     server_side = my_fp > peer_fp
     try:
-        reader, writer = await _tls(
-            sock, _tls_context(identity, peer_der, server_side), server_side
-        )
+        carrier = await _tls(sock, _tls_context(identity, peer_der, server_side), server_side)
     except (ssl.SSLError, OSError) as exc:
         raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+    transport = carrier.transport
+    assert transport is not None
     try:
-        ssl_object = writer.get_extra_info("ssl_object")
+        ssl_object = transport.get_extra_info("ssl_object")
         seen = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if seen is None or not hmac.compare_digest(fingerprint(seen), peer_fp):
             raise HandshakeError("the TLS certificate differs from the one in HELLO")
         if ssl_object.selected_alpn_protocol() != ALPN:
             raise HandshakeError(f"the peer did not agree to protocol {ALPN}")
         if server_side:
-            writer.write(READY)
-            await writer.drain()
-        elif await reader.readexactly(len(READY)) != READY:
+            transport.write(READY)
+        elif await carrier.read_exactly(len(READY)) != READY:
             raise HandshakeError("the peer's first TLS message is not READY")
-    except (ssl.SSLError, OSError, asyncio.IncompleteReadError) as exc:
-        writer.transport.abort()
-        raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+    except (ssl.SSLError, OSError) as exc:  # ConnectionError included
+        transport.abort()
+        raise HandshakeError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
     except BaseException:
-        writer.transport.abort()
+        transport.abort()
         raise
     return SecureLink(
-        reader=reader,
-        writer=writer,
+        carrier=carrier,
         peer_id=peer_id,
         is_tls_client=not server_side,
         mode=auth.mode,

@@ -1,9 +1,11 @@
-"""The asyncio driver of the mux core: one reader, one writer, a timer, and Stream objects.
+"""The asyncio driver of the mux core: the link's protocol, a timer, and Stream objects.
 
-The reader never waits on a stream: received data goes to that stream's buffer, which the
-window we granted bounds. The writer batches frames into large writes (the core puts control
-frames first and takes turns across streams). Streams look like asyncio streams, so forward
-and pipe code treat them like sockets.
+The session becomes the link transport's protocol: a BufferedProtocol that has TLS decrypt
+into one reused buffer, which the core parses in place. Writes are flushed from callbacks,
+once per loop turn, in large batches (the core puts control frames first and takes turns
+across streams), and stop while the transport's buffer is full. Received data goes to the
+stream's buffer, bounded by the window we granted, or straight to a consumer (splice), so
+no stream can hold up the others.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
+from tete_tunnel.carrier import Carrier
 from tete_tunnel.errors import LinkLost, TeteError
 from tete_tunnel.mux import events as ev
 from tete_tunnel.mux.connection import Config, Connection
@@ -22,9 +26,10 @@ from tete_tunnel.mux.errors import GoAwayCode, LocalProtocolError
 
 log = logging.getLogger("tete_tunnel")
 
-READ_SIZE = 256 * 1024
-WRITE_BATCH = 256 * 1024  # bytes per socket write: large enough to fill TLS records
-STREAM_HIGH_WATER = 256 * 1024  # a writer's drain() waits while more is queued
+READ_BUFFER = 256 * 1024  # one TLS read lands here, and is parsed in place
+WRITE_BATCH = 256 * 1024  # bytes per transport write: large enough to fill TLS records
+TRANSPORT_HIGH_WATER = 512 * 1024  # the link transport's buffer before we stop writing
+STREAM_HIGH_WATER = 256 * 1024  # a stream writer's drain() waits while more is queued
 LINGER = 2.0  # after our go-away, how long we wait for the peer to close first
 KEEPALIVE_INTERVAL = 10.0
 KEEPALIVE_TIMEOUT = 30.0
@@ -36,6 +41,14 @@ class PeerLeft(Exception):
 
 class StreamReset(TeteError):
     pass
+
+
+class Consumer(Protocol):
+    """Takes a stream's incoming data as it arrives (instead of read())."""
+
+    def stream_data(self, data: bytes) -> None: ...
+    def stream_eof(self) -> None: ...
+    def stream_error(self, error: BaseException) -> None: ...
 
 
 class Stream:
@@ -52,6 +65,9 @@ class Stream:
         self._readable = asyncio.Event()
         self._drained = asyncio.Event()
         self._closed = asyncio.Event()
+        self._discard = False
+        self._consumer: Consumer | None = None
+        self.on_drained: Callable[[], None] | None = None  # called when writes may go on
 
     # -- reading ----------------------------------------------------------------------
 
@@ -70,7 +86,7 @@ class Stream:
             head = self._buffer[0]
             data, self._buffer[0] = head[:n], head[n:]
         self._buffered -= len(data)
-        self._session._consumed(self.id, len(data))
+        self.credit(len(data))
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -86,6 +102,22 @@ class Stream:
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
 
+    def attach(self, consumer: Consumer) -> None:
+        """From now on, incoming data goes to `consumer`; it grants credit with credit()."""
+        self._consumer = consumer
+        while self._buffer:
+            data = self._buffer.popleft()
+            self._buffered -= len(data)
+            consumer.stream_data(data)
+        if self._eof:
+            consumer.stream_eof()
+        elif self._error is not None:
+            consumer.stream_error(self._error)
+
+    def credit(self, n: int) -> None:
+        """The application has taken n bytes: the peer may send that much more."""
+        self._session._consumed(self.id, n)
+
     # -- writing ----------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -93,8 +125,12 @@ class Stream:
             raise self._error
         self._session._send(self.id, data)
 
+    @property
+    def write_buffered(self) -> int:
+        return self._session.conn.send_buffered(self.id)
+
     async def drain(self) -> None:
-        while self._session.conn.send_buffered(self.id) > STREAM_HIGH_WATER:
+        while self.write_buffered > STREAM_HIGH_WATER:
             if self._error is not None:
                 raise self._error
             self._drained.clear()
@@ -114,7 +150,7 @@ class Stream:
         """Abort both directions at once (the peer sees a reset)."""
         if self._error is None:
             self._session._reset(self.id)
-            self._fail(StreamReset(f"stream {self.id} reset by us"))
+            self._fail(StreamReset(f"stream {self.id} reset by us"), notify=False)
 
     def close(self) -> None:
         """End our side; whatever the peer still sends is read and dropped."""
@@ -130,35 +166,71 @@ class Stream:
 
     # -- called by the session ----------------------------------------------------------
 
-    _discard = False
-
     def _data(self, data: bytes) -> None:
         if self._discard:
-            self._session._consumed(self.id, len(data))
-            return
-        self._buffer.append(data)
-        self._buffered += len(data)
-        self._readable.set()
+            self.credit(len(data))
+        elif self._consumer is not None:
+            self._consumer.stream_data(data)
+        else:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            self._readable.set()
 
     def _ended(self) -> None:
         self._eof = True
         self._readable.set()
+        if self._consumer is not None:
+            self._consumer.stream_eof()
 
-    def _fail(self, error: BaseException) -> None:
+    def _writable(self) -> None:
+        self._drained.set()
+        if self.on_drained is not None:
+            self.on_drained()
+
+    def _fail(self, error: BaseException, notify: bool = True) -> None:
         if self._error is None:
             self._error = error
+            if notify and self._consumer is not None and not self._eof:
+                self._consumer.stream_error(error)
         self._readable.set()
         self._drained.set()
         self._closed.set()
 
 
+class _LinkProtocol(asyncio.BufferedProtocol):
+    """The session's face to the transport: reads land in one reused buffer."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._buffer = memoryview(bytearray(READ_BUFFER))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._session._on_data(self._buffer[:nbytes])
+
+    def eof_received(self) -> bool:
+        self._session._on_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._session._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._session._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._session._writing_paused = False
+        self._session._schedule_flush()
+
+
 class Session:
-    """Owns the link while in use (`async with`), and the tasks that move its bytes."""
+    """Owns the link while in use (`async with`), and the timer that keeps it alive."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        carrier: Carrier,
         *,
         client: bool,
         config: Config | None = None,
@@ -170,15 +242,19 @@ class Session:
                 keepalive_timeout=KEEPALIVE_TIMEOUT,
             )
         self.conn = Connection(client=client, config=config)
-        self._reader = reader
-        self._writer = writer
+        self._carrier = carrier
+        assert carrier.transport is not None
+        self._transport: asyncio.Transport = carrier.transport
         self._loop = asyncio.get_running_loop()
         self._streams: dict[int, Stream] = {}
         self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
-        self._want_write = asyncio.Event()
-        self._peer_gone = asyncio.Event()  # the reader saw the connection end
-        self._tasks: asyncio.TaskGroup | None = None
-        self._own_tasks: list[asyncio.Task[None]] = []
+        self._writing_paused = False
+        self._flush_scheduled = False
+        self._pending_finish: tuple[BaseException | None] | None = None
+        self._dirty: set[int] = set()  # streams written since the last flush
+        self._idle = asyncio.Event()  # nothing left to write, or the session has ended
+        self._peer_gone = asyncio.Event()  # the connection's far end has closed
+        self._timer: asyncio.Task[None] | None = None
         self.ended = asyncio.Event()
         self.error: BaseException | None = None  # why the session ended, if not orderly
         self.peer_left = False
@@ -186,16 +262,20 @@ class Session:
     # -- lifetime ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Session:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._own_tasks = [
-            self._tasks.create_task(self._read_loop()),
-            self._tasks.create_task(self._write_loop()),
-            self._tasks.create_task(self._timer_loop()),
-        ]
+        self._transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
+        self._transport.set_protocol(_LinkProtocol(self))
+        self._timer = asyncio.create_task(self._timer_loop())
         self.conn.ping(self._loop.time())  # a first RTT sample, for window tuning
         self.conn.start_keepalive(self._loop.time())
-        self._want_write.set()
+        carrier = self._carrier
+        if carrier.buffer:  # what arrived between READY and now
+            self._on_data(memoryview(bytes(carrier.buffer)))
+            carrier.buffer.clear()
+        if carrier.closed:
+            self._on_lost(carrier.error)  # type: ignore[arg-type]
+        elif carrier.eof:
+            self._on_eof()
+        self._schedule_flush()
         return self
 
     async def __aexit__(
@@ -204,16 +284,16 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._tasks is not None
         try:
             if exc is None:
                 await self.close()
             else:
-                self._abort(exc if isinstance(exc, Exception) else LinkLost("cancelled"))
+                self._finish(exc if isinstance(exc, Exception) else LinkLost("cancelled"))
         finally:
-            # Our own tasks are cancelled by now; the body's exception passes through as
-            # it is, not wrapped in a group.
-            await self._tasks.__aexit__(None, None, None)
+            if self._timer is not None:
+                self._timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._timer
 
     async def close(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
         """Orderly end: go away, flush, let the peer close first (no RST), then close."""
@@ -223,26 +303,16 @@ class Session:
         # without a clean EOF (it sees PeerLeft), and data still queued on them is dropped.
         # Callers that want a stream's data delivered wait for it to close first.
         self.conn.go_away(code)
-        self._want_write.set()
+        self._schedule_flush()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LINGER):
-                await self._flushed()
+                await self._idle.wait()  # the go-away is out
                 if not self.conn.remote_goaway:
                     await self._peer_gone.wait()
         self._finish(None)
 
-    async def _flushed(self) -> None:
-        while self.conn.has_data_to_send() and not self.ended.is_set():
-            await asyncio.sleep(0)
-            self._want_write.set()
-        with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
-            await self._writer.drain()
-
-    def _abort(self, error: BaseException) -> None:
-        self._finish(error)
-
     def _finish(self, error: BaseException | None) -> None:
-        """End the session now: fail streams, stop the tasks, drop the transport."""
+        """End the session now: fail streams, stop the timer, drop the transport."""
         if self.ended.is_set():
             return
         if error is not None and self.error is None:
@@ -254,15 +324,13 @@ class Session:
             stream._fail(failure)
         self._streams.clear()
         self.ended.set()
-        self._want_write.set()
-        current = asyncio.current_task()
-        for task in self._own_tasks:
-            if task is not current:
-                task.cancel()
+        self._idle.set()
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
         if error is None:
-            self._writer.close()  # close_notify; the transport is dropped with the loop
+            self._transport.close()  # close_notify after what is buffered
         else:
-            self._writer.transport.abort()
+            self._transport.abort()
 
     async def wait_ended(self) -> None:
         """Until the session ends; raises why if it was not orderly."""
@@ -280,7 +348,7 @@ class Session:
         except LocalProtocolError as exc:
             raise TeteError(str(exc)) from exc
         stream = self._streams[stream_id] = Stream(self, stream_id)
-        self._want_write.set()
+        self._schedule_flush()
         return stream
 
     async def accept(self) -> Stream:
@@ -296,8 +364,9 @@ class Session:
         if not get.done() or get.cancelled():
             raise self.error or (PeerLeft() if self.peer_left else LinkLost("session ended"))
         stream = get.result()
-        self.conn.accept_stream(stream.id)
-        self._want_write.set()
+        if stream.id in self.conn.stream_ids:
+            self.conn.accept_stream(stream.id)
+            self._schedule_flush()
         return stream
 
     def _send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -305,24 +374,25 @@ class Session:
             self.conn.send(stream_id, data)
         except LocalProtocolError as exc:
             raise TeteError(f"cannot write: {exc}") from exc
-        self._want_write.set()
+        self._dirty.add(stream_id)
+        self._schedule_flush()
 
     def _end(self, stream_id: int) -> None:
         with contextlib.suppress(LocalProtocolError):
             self.conn.end_stream(stream_id)
-        self._want_write.set()
+        self._schedule_flush()
 
     def _reset(self, stream_id: int) -> None:
         with contextlib.suppress(LocalProtocolError):
             self.conn.reset_stream(stream_id)
-        self._want_write.set()
+        self._schedule_flush()
         self._reap()
 
     def _consumed(self, stream_id: int, n: int) -> None:
         if n and not self.ended.is_set():
             self.conn.consumed(stream_id, n, self._loop.time())
             if self.conn.has_data_to_send():
-                self._want_write.set()
+                self._schedule_flush()
 
     def _reap(self) -> None:
         """Drop the Stream objects whose state the core has forgotten."""
@@ -331,30 +401,31 @@ class Session:
             if stream is not None:
                 stream._closed.set()
 
-    # -- tasks ------------------------------------------------------------------------
+    # -- transport callbacks ------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        try:
-            while not self.ended.is_set():
-                try:
-                    data = await self._reader.read(READ_SIZE)
-                except (ConnectionError, ssl.SSLError, OSError) as exc:
-                    if not self.ended.is_set():
-                        self._lost(f"connection to peer lost: {exc or type(exc).__name__}")
-                    return
-                if not data:
-                    self._peer_gone.set()
-                    if self.conn.local_goaway or self.conn.remote_goaway:
-                        self._finish(None)
-                    else:
-                        self._lost("connection to peer lost: it closed without saying goodbye")
-                    return
-                self._dispatch(self.conn.receive_data(data, self._loop.time()))
-                self._reap()
-                if self.conn.has_data_to_send():
-                    self._want_write.set()
-        finally:
-            self._peer_gone.set()
+    def _on_data(self, data: memoryview) -> None:
+        if self.ended.is_set():
+            return
+        self._dispatch(self.conn.receive_data(data, self._loop.time()))
+        self._reap()
+        if self.conn.has_data_to_send():
+            self._schedule_flush()
+
+    def _on_eof(self) -> None:
+        self._peer_gone.set()
+        if self.conn.local_goaway or self.conn.remote_goaway:
+            self._finish(None)
+        else:
+            self._lost("connection to peer lost: it closed without saying goodbye")
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        self._peer_gone.set()
+        if self.ended.is_set():
+            return
+        if exc is None and (self.conn.local_goaway or self.conn.remote_goaway):
+            self._finish(None)
+        else:
+            self._lost(f"connection to peer lost: {exc or 'it closed without saying goodbye'}")
 
     def _lost(self, reason: str) -> None:
         log.debug("session lost: %s", reason)
@@ -389,54 +460,55 @@ class Session:
                         LinkLost(f"the peer ended the session with error code {event.error_code}")
                     )
                 else:
-                    self._finish_after_flush()
+                    self._finish_after_flush(None)
             elif isinstance(event, ev.ConnectionTerminated):
                 log.warning("error: %s; closing the session", event.reason)
-                self._want_write.set()
                 self._finish_after_flush(LinkLost(f"protocol error: {event.reason}"))
 
-    def _finish_after_flush(self, error: BaseException | None = None) -> None:
+    def _finish_after_flush(self, error: BaseException | None) -> None:
         self._pending_finish = (error,)
-        self._want_write.set()
+        self._schedule_flush()
 
-    _pending_finish: tuple[BaseException | None] | None = None
+    # -- writing ----------------------------------------------------------------------
 
-    async def _write_loop(self) -> None:
-        conn, writer = self.conn, self._writer
-        while not self.ended.is_set():
-            await self._want_write.wait()
-            self._want_write.clear()
-            try:
-                while conn.has_data_to_send() and not self.ended.is_set():
-                    writer.write(b"".join(conn.data_to_send(WRITE_BATCH)))
-                    self._reap()
-                    self._wake_drainers()
-                    await writer.drain()
-            except (ConnectionError, ssl.SSLError, OSError) as exc:
-                self._lost(f"connection to peer lost: {exc or type(exc).__name__}")
-                return
-            self._wake_drainers()
+    def _schedule_flush(self) -> None:
+        self._idle.clear()
+        if not self._flush_scheduled and not self.ended.is_set():
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what the core has, in large batches, until the transport is full."""
+        self._flush_scheduled = False
+        if self.ended.is_set():
+            return
+        conn, transport = self.conn, self._transport
+        while not self._writing_paused and conn.has_data_to_send():
+            transport.write(b"".join(conn.data_to_send(WRITE_BATCH)))
+        self._reap()
+        for stream_id in list(self._dirty):
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                self._dirty.discard(stream_id)
+            elif stream.write_buffered <= STREAM_HIGH_WATER:
+                self._dirty.discard(stream_id)
+                stream._writable()
+        if not self._writing_paused and not conn.has_data_to_send():
+            self._idle.set()
             if self._pending_finish is not None:
                 (error,) = self._pending_finish
                 self._finish(error)
 
-    def _wake_drainers(self) -> None:
-        for stream in self._streams.values():
-            if self.conn.send_buffered(stream.id) <= STREAM_HIGH_WATER:
-                stream._drained.set()
+    # -- time ---------------------------------------------------------------------------
 
     async def _timer_loop(self) -> None:
         while not self.ended.is_set():
             when = self.conn.get_timer()
             delay = 1.0 if when is None else min(1.0, max(0.0, when - self._loop.time()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self.ended.wait()
-            if self.ended.is_set():
-                return
-            events = self.conn.handle_timer(self._loop.time())
-            for event in events:
+            await asyncio.sleep(delay)
+            for event in self.conn.handle_timer(self._loop.time()):
                 if isinstance(event, ev.ConnectionTerminated):
                     self._lost(f"connection to peer lost: {event.reason}")
+                    return
             if self.conn.has_data_to_send():
-                self._want_write.set()
+                self._schedule_flush()
