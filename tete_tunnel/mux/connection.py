@@ -50,6 +50,15 @@ class Config:
     keepalive_timeout: float = 30.0  # no pong for this long: the peer is dead
     turn_bytes: int = 64 * 1024  # one stream's share per round-robin turn
 
+    def __post_init__(self) -> None:
+        # The peer assumes yamux's fixed initial window; any other value here makes an honest
+        # peer overrun a smaller one (a protocol error) or stall on a larger one (no update
+        # is due before it has sent half of it). Larger windows come from tuning.
+        if self.initial_window != INITIAL_WINDOW:
+            raise ValueError(f"initial_window must be {INITIAL_WINDOW} (yamux fixes it)")
+        if self.turn_bytes < 1:
+            raise ValueError("turn_bytes must be at least 1")  # 0 would spin data_to_send
+
 
 class _Stream:
     __slots__ = (
@@ -378,6 +387,7 @@ class Connection:
             self._highest_remote = sid
             if (
                 self.local_goaway
+                or self.remote_goaway  # it said it is leaving: nothing new is accepted
                 or len(self._streams) >= self.config.max_streams
                 or len(self._pending_accepts) >= self.config.max_pending_accepts
             ):
