@@ -291,7 +291,10 @@ def test_sigint_ends_both_sides_and_frees_the_ports(procs: Procs, tmp_path: Path
     assert "Closed connection" in a.err
     assert "Peer closed connection" in b.err
     open_conn.settimeout(5)
-    assert open_conn.recv(10) == b""  # the forwarded connection was closed, not left hanging
+    try:  # the forwarded connection was closed or reset, not left hanging
+        assert open_conn.recv(10) == b""
+    except ConnectionResetError:
+        pass
     open_conn.close()
     for port in (l_port, r_port):  # both listeners are gone: the ports bind again
         s = socket.create_server(("127.0.0.1", port))

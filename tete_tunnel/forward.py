@@ -27,7 +27,7 @@ from tete_tunnel.policy import Policy
 from tete_tunnel.punch import endpoint, port_holder
 from tete_tunnel.session import PeerLeft, Session, Stream
 from tete_tunnel.shutdown import Interrupted, Signals
-from tete_tunnel.splice import Refused, reset_tcp, splice
+from tete_tunnel.splice import Refused, reset_socket, splice
 
 log = logging.getLogger("tete_tunnel")
 
@@ -119,7 +119,7 @@ async def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def connect_target(host: str, port: int, addresses: list[tuple]) -> tuple:
+async def connect_target(host: str, port: int, addresses: list[tuple]) -> socket.socket:
     """Connect to the first address that answers; TeteError says why none did."""
     last: OSError | None = None
     for family, address in addresses:
@@ -129,13 +129,16 @@ async def connect_target(host: str, port: int, addresses: list[tuple]) -> tuple:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await asyncio.get_running_loop().sock_connect(sock, address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return await asyncio.open_connection(sock=sock)
+            return sock
         except TimeoutError:
             sock.close()
             last = OSError(errno.ETIMEDOUT, "timed out")
         except OSError as exc:
             sock.close()
             last = exc
+        except BaseException:
+            sock.close()
+            raise
     # asyncio words connect failures as "Connect call failed (...)": say what errno means.
     reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
     raise TeteError(f"cannot connect to {endpoint(host, port)}: {reason}")
@@ -149,9 +152,11 @@ async def resolve(host: str, port: int) -> list[tuple]:
     return [(family, address) for family, _, _, _, address in infos]
 
 
-def _describe(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return endpoint(*peer[:2]) if peer else "a client"
+def _describe(sock: socket.socket) -> str:
+    try:
+        return endpoint(*sock.getpeername()[:2])
+    except OSError:
+        return "a client"
 
 
 class Forwarder:
@@ -217,17 +222,16 @@ class Forwarder:
         self, session: Session, conn: socket.socket, request: preamble.Request, label: str
     ) -> None:
         """A local connection goes to the peer: open a stream, send the request, splice."""
-        reader, writer = await asyncio.open_connection(sock=conn)
         try:
             stream = session.open_stream()
         except TeteError as exc:
             log.warning("%s: %s; dropping the connection", label, exc)
-            reset_tcp(writer)
+            reset_socket(conn)
             return
         stream.write(preamble.encode(request))  # data may follow at once: no round trip
-        client = _describe(writer)
+        client = _describe(conn)
         try:
-            await splice(reader, writer, stream, answer_pending=True)
+            await splice(conn, stream, answer_pending=True)
         except Refused as exc:
             log.warning("%s: the peer refused the connection from %s: %s", label, client, exc)
         except (PeerLeft, LinkLost):
@@ -311,14 +315,14 @@ class Forwarder:
         self, stream: Stream, host: str, port: int, addresses: list[tuple], label: str
     ) -> None:
         try:
-            reader, writer = await connect_target(host, port, addresses)
+            sock = await connect_target(host, port, addresses)
         except TeteError as exc:
             log.warning("%s: %s", label, exc)
             _refuse(stream, str(exc))
             return
         stream.write(preamble.encode(preamble.Accept()))
         try:
-            await splice(reader, writer, stream, answer_pending=False)
+            await splice(sock, stream, answer_pending=False)
         except (PeerLeft, LinkLost):
             pass
         except TeteError as exc:
