@@ -32,6 +32,9 @@ from tete_tunnel.mux.stream import StreamInput, StreamState, transition
 
 INITIAL_WINDOW = 256 * 1024  # yamux's initial stream window; both sides assume it
 
+# Flags as plain ints on the hot path: IntFlag arithmetic builds enum objects every time.
+_SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.RST)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -295,32 +298,32 @@ class Connection:
             if n > 0:
                 chunks = self._take(stream, n)
                 if not stream.out and stream.fin_pending:
-                    flags |= Flag.FIN
+                    flags |= _FIN
                     stream.fin_pending = False
                 out.append(encode_header(FrameType.DATA, flags, stream.id, n))
                 out.extend(chunks)
                 size += 12 + n
-                if not (flags & Flag.FIN) and size < budget and stream.out and stream.send_window:
+                if not (flags & _FIN) and size < budget and stream.out and stream.send_window:
                     continue
             elif flags or (stream.fin_pending and not stream.out):
                 if stream.fin_pending and not stream.out:
-                    flags |= Flag.FIN
+                    flags |= _FIN
                     stream.fin_pending = False
                 out.append(encode_header(FrameType.WINDOW_UPDATE, flags, stream.id, 0))
                 size += 12
             break
-        if (flags & Flag.FIN) and stream.state is StreamState.CLOSED:
+        if (flags & _FIN) and stream.state is StreamState.CLOSED:
             self._forget(stream)
         return size
 
-    def _opening_flags(self, stream: _Stream) -> Flag:
+    def _opening_flags(self, stream: _Stream) -> int:
         if stream.need_syn:
             stream.need_syn = False
-            return Flag.SYN
+            return _SYN
         if stream.need_ack:
             stream.need_ack = False
-            return Flag.ACK
-        return Flag.NONE
+            return _ACK
+        return 0
 
     @staticmethod
     def _take(stream: _Stream, n: int) -> list[memoryview]:
@@ -352,7 +355,7 @@ class Connection:
         except ProtocolError as exc:
             # queued even after a normal go-away of ours: the peer learns why it ends
             self.local_goaway = True
-            self._control.append(encode_header(FrameType.GO_AWAY, Flag.NONE, 0, exc.error_code))
+            self._control.append(encode_header(FrameType.GO_AWAY, 0, 0, exc.error_code))
             self.terminated = ev.ConnectionTerminated(GoAwayCode.PROTOCOL_ERROR, str(exc))
             events.append(self.terminated)
         return events
@@ -367,9 +370,10 @@ class Connection:
             self._handle_stream_frame(frame, events)
 
     def _handle_ping(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
-        if frame.flags & Flag.SYN:
-            self._provoke(encode_header(FrameType.PING, Flag.ACK, 0, frame.length))
-        elif frame.flags & Flag.ACK:
+        flags = int(frame.flags)
+        if flags & _SYN:
+            self._provoke(encode_header(FrameType.PING, _ACK, 0, frame.length))
+        elif flags & _ACK:
             if self._ping_sent is not None and frame.length == self._ping_opaque:
                 rtt = max(now - self._ping_sent, 1e-6)
                 self.rtt = rtt if self.rtt is None else 0.875 * self.rtt + 0.125 * rtt
@@ -379,9 +383,10 @@ class Connection:
             raise ProtocolError("ping with neither SYN nor ACK")
 
     def _handle_stream_frame(self, frame: Frame, events: list[ev.Event]) -> None:
+        flags = int(frame.flags)
         sid = frame.stream_id
         stream = self._streams.get(sid)
-        if frame.flags & Flag.SYN:
+        if flags & _SYN:
             if stream is not None or self.is_local(sid) or sid <= self._highest_remote:
                 raise ProtocolError(f"the peer opened stream {sid}, which it may not (re)use")
             self._highest_remote = sid
@@ -391,7 +396,7 @@ class Connection:
                 or len(self._streams) >= self.config.max_streams
                 or len(self._pending_accepts) >= self.config.max_pending_accepts
             ):
-                self._provoke(encode_header(FrameType.WINDOW_UPDATE, Flag.ACK | Flag.RST, sid, 0))
+                self._provoke(encode_header(FrameType.WINDOW_UPDATE, _ACK | _RST, sid, 0))
                 return  # refused: later frames for it are late frames of a known id
             stream = self._streams[sid] = _Stream(sid, self.config, local=False)
             self._pending_accepts.add(sid)
@@ -401,7 +406,7 @@ class Connection:
             if not known:
                 raise ProtocolError(f"frame for stream {sid}, which was never opened")
             return  # a late frame for a stream that is gone (reset or refused)
-        if frame.flags & Flag.ACK:
+        if flags & _ACK:
             stream.acked = True
         if frame.type is FrameType.WINDOW_UPDATE:
             if stream.send_window + frame.length > MAX_U32:
@@ -418,12 +423,12 @@ class Connection:
             stream.state = transition(stream.state, StreamInput.RECV_DATA, sid)
             stream.recv_window -= frame.length
             events.append(ev.DataReceived(sid, bytes(frame.payload)))
-        if frame.flags & Flag.FIN:
+        if flags & _FIN:
             stream.state = transition(stream.state, StreamInput.RECV_FIN, sid)
             events.append(ev.StreamEnded(sid))
             if stream.state is StreamState.CLOSED and not stream.fin_pending:
                 self._forget(stream)
-        if frame.flags & Flag.RST:  # allowed in every state; the stream is gone at once
+        if flags & _RST:  # allowed in every state; the stream is gone at once
             events.append(ev.StreamReset(sid))
             self._forget(stream)
 

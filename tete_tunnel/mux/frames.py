@@ -62,64 +62,104 @@ def encode(frame: Frame) -> bytes:
     )
 
 
+_TYPES = {t.value: t for t in FrameType}  # lookups, not Enum construction, per frame
+_FLAGS = tuple(Flag(i) for i in range(16))
+_PING, _GO_AWAY, _DATA = FrameType.PING.value, FrameType.GO_AWAY.value, FrameType.DATA.value
+_UNKNOWN_FLAGS = ~int(KNOWN_FLAGS)  # int: ~ on an IntFlag keeps only its own bits
+
+
 def _check_header(version: int, type_: int, flags: int, stream_id: int, length: int) -> Frame:
     if version != VERSION:
         raise ProtocolError(f"unsupported mux version {version} (we speak {VERSION})")
-    try:
-        frame_type = FrameType(type_)
-    except ValueError:
-        raise ProtocolError(f"unknown frame type {type_}") from None
-    if flags & ~int(KNOWN_FLAGS):  # int: ~ on an IntFlag keeps only its own bits
+    frame_type = _TYPES.get(type_)
+    if frame_type is None:
+        raise ProtocolError(f"unknown frame type {type_}")
+    if flags & _UNKNOWN_FLAGS:
         raise ProtocolError(f"unknown flags {flags:#x} on a {frame_type.name} frame")
-    if frame_type in (FrameType.PING, FrameType.GO_AWAY) and stream_id != 0:
-        raise ProtocolError(f"{frame_type.name} frame on stream {stream_id}, not 0")
-    if frame_type in (FrameType.DATA, FrameType.WINDOW_UPDATE) and stream_id == 0:
+    if type_ >= _PING:  # ping, go away
+        if stream_id != 0:
+            raise ProtocolError(f"{frame_type.name} frame on stream {stream_id}, not 0")
+    elif stream_id == 0:
         raise ProtocolError(f"{frame_type.name} frame on stream 0")
-    if frame_type == FrameType.DATA and length > MAX_PAYLOAD:
+    elif type_ == _DATA and length > MAX_PAYLOAD:
         raise ProtocolError(f"data frame of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    return Frame(frame_type, Flag(flags), stream_id, length)
+    return Frame(frame_type, _FLAGS[flags], stream_id, length)
 
 
 class FrameDecoder:
     """Feed bytes in, take whole frames out; a broken stream raises ProtocolError.
 
-    Payloads are returned as memoryviews into buffers the decoder no longer touches, so
-    handing them to a consumer costs no copy.
+    Frames are parsed straight from the bytes fed in (a memoryview of the caller's read
+    buffer) and each payload is copied out once; only a partial frame at the end is kept,
+    copied, when `next_frame` returns None or at the next `feed`. So the caller may reuse
+    its buffer once it has taken all the frames.
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # a partial frame kept between feeds
         self._pos = 0
+        self._view: memoryview | None = None  # the last feed, while it is being parsed
+        self._vpos = 0
         self._pending: Frame | None = None  # a checked header waiting for its payload
 
+    def _keep_rest(self) -> None:
+        if self._view is not None:
+            self._buf = bytearray(self._view[self._vpos :])
+            self._pos = 0
+            self._view = None
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._keep_rest()
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
-        self._buf += data
+        if self._buf:
+            self._buf += data
+        else:
+            self._view = memoryview(data).cast("B")
+            self._vpos = 0
 
     @property
     def buffered(self) -> int:
+        if self._view is not None:
+            return len(self._view) - self._vpos
         return len(self._buf) - self._pos
 
     def next_frame(self) -> Frame | None:
-        buf = self._buf
-        if self._pending is None:
-            if len(buf) - self._pos < HEADER_SIZE:
-                return None
-            header = HEADER.unpack_from(buf, self._pos)
-            self._pos += HEADER_SIZE
-            self._pending = _check_header(*header)
+        view = self._view
+        if view is not None:
+            src, pos = view, self._vpos
+        else:
+            src, pos = self._buf, self._pos
         frame = self._pending
-        if frame.type != FrameType.DATA or frame.length == 0:
+        if frame is None:
+            if len(src) - pos < HEADER_SIZE:
+                self._keep_rest()
+                return None
+            frame = _check_header(*HEADER.unpack_from(src, pos))
+            pos += HEADER_SIZE
+        if frame.type is not FrameType.DATA or frame.length == 0:
             self._pending = None
-            return frame
-        if len(buf) - self._pos < frame.length:
+        elif len(src) - pos < frame.length:
+            self._pending = frame
+            self._set_pos(pos)
+            self._keep_rest()
             return None
-        payload = bytes(buf[self._pos : self._pos + frame.length])
-        self._pos += frame.length
-        self._pending = None
-        return Frame(frame.type, frame.flags, frame.stream_id, frame.length, payload)
+        else:
+            self._pending = None
+            end = pos + frame.length
+            frame = Frame(
+                frame.type, frame.flags, frame.stream_id, frame.length, bytes(src[pos:end])
+            )
+            pos = end
+        self._set_pos(pos)
+        return frame
+
+    def _set_pos(self, pos: int) -> None:
+        if self._view is not None:
+            self._vpos = pos
+        else:
+            self._pos = pos
 
     def frames(self) -> list[Frame]:
         out = []
