@@ -37,7 +37,8 @@ class PongReceived:
 
 @dataclass(frozen=True, slots=True)
 class GoAwayReceived:
-    """The peer will open no more streams and accept none; `error_code` says why."""
+    """The peer is ending the session (our peers send go-away only then); `error_code`
+    says why. In yamux proper it means only "no new streams"; see docs/PROTOCOL.md."""
 
     error_code: int
 

@@ -7,7 +7,9 @@
 
 Data may be sent while our side is open and received while theirs is. A local input that
 is missing from the table is the caller's bug (LocalProtocolError); a remote one is the
-peer's (ProtocolError, which ends the session).
+peer's (ProtocolError, which ends the session). A received RST is legal in every state, so
+the connection drops the stream at once without consulting the table (RECV_RST is listed
+for completeness).
 """
 
 from __future__ import annotations
