@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -145,6 +146,15 @@ async def connect_target(host: str, port: int, addresses: list[tuple]) -> socket
 
 
 async def resolve(host: str, port: int) -> list[tuple]:
+    """Addresses for host:port; an IP literal needs no resolver (asyncio would use a thread)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if ip.version == 6:
+            return [(socket.AF_INET6, (host, port, 0, 0))]
+        return [(socket.AF_INET, (host, port))]
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
