@@ -284,18 +284,17 @@ def test_sigint_ends_both_sides_and_frees_the_ports(procs: Procs, tmp_path: Path
     )
     r_port = forwarded_port(b, r"Forwarding peer 127\.0\.0\.1:(\d+) ->")
     forwarded_port(a, r"Forwarding 127\.0\.0\.1:(\d+) ->")
-    open_conn = socket.create_connection(("127.0.0.1", l_port), timeout=10)  # left open
-    a.signal(signal.SIGINT)
-    assert a.wait(15) == 0, a.err
-    assert b.wait(15) == 0, b.err
-    assert "Closed connection" in a.err
-    assert "Peer closed connection" in b.err
-    open_conn.settimeout(5)
-    try:  # the forwarded connection was closed or reset, not left hanging
-        assert open_conn.recv(10) == b""
-    except ConnectionResetError:
-        pass
-    open_conn.close()
+    with socket.create_connection(("127.0.0.1", l_port), timeout=10) as open_conn:  # left open
+        a.signal(signal.SIGINT)
+        assert a.wait(15) == 0, a.err
+        assert b.wait(15) == 0, b.err
+        assert "Closed connection" in a.err
+        assert "Peer closed connection" in b.err
+        open_conn.settimeout(5)
+        try:  # the forwarded connection was closed or reset, not left hanging
+            assert open_conn.recv(10) == b""
+        except ConnectionResetError:
+            pass
     for port in (l_port, r_port):  # both listeners are gone: the ports bind again
         s = socket.create_server(("127.0.0.1", port))
         s.close()

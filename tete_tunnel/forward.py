@@ -285,15 +285,20 @@ class Forwarder:
             return
         except (PeerLeft, TeteError):
             return
-        match request:
-            case preamble.Connect(host, port):
-                await self._serve_connect(stream, host, port)
-            case preamble.Listen(host, port):
-                await self._serve_listen(session, stream, host, port)
-            case preamble.Forwarded(listener_id):
-                await self._serve_forwarded(stream, listener_id)
-            case _:
-                _refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
+        try:
+            match request:
+                case preamble.Connect(host, port):
+                    await self._serve_connect(stream, host, port)
+                case preamble.Listen(host, port):
+                    await self._serve_listen(session, stream, host, port)
+                case preamble.Forwarded(listener_id):
+                    await self._serve_forwarded(stream, listener_id)
+                case _:
+                    _refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
+        except (PeerLeft, LinkLost):
+            pass  # the session's end is reported once, by the caller of serve()
+        except TeteError as exc:  # e.g. the peer reset the stream while we connected
+            log.info("a stream from the peer ended: %s", exc)
 
     async def _serve_connect(self, stream: Stream, host: str, port: int) -> None:
         try:
