@@ -294,7 +294,7 @@ class Forwarder:
                 case preamble.Forwarded(listener_id):
                     await self._serve_forwarded(stream, listener_id)
                 case _:
-                    _refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
+                    preamble.refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
         except (PeerLeft, LinkLost):
             pass  # the session's end is reported once, by the caller of serve()
         except TeteError as exc:  # e.g. the peer reset the stream while we connected
@@ -304,25 +304,25 @@ class Forwarder:
         try:
             addresses = await resolve(host, port)
         except TeteError as exc:
-            _refuse(stream, str(exc))
+            preamble.refuse(stream, str(exc))
             return
         refusal = self.policy.open_refusal(host, port, [a[1][0] for a in addresses])
         if refusal is not None:
             log.warning("refused the peer's request to connect to %s", endpoint(host, port))
-            _refuse(stream, refusal)
+            preamble.refuse(stream, refusal)
             return
         await self._connect_and_splice(stream, host, port, addresses, "the peer's -L")
 
     async def _serve_forwarded(self, stream: Stream, listener_id: int) -> None:
         spec = self._remote_by_stream.get(listener_id)
         if spec is None:
-            _refuse(stream, f"no -R forward with id {listener_id} here")
+            preamble.refuse(stream, f"no -R forward with id {listener_id} here")
             return
         try:
             addresses = await resolve(spec.host, spec.port)
         except TeteError as exc:
             log.warning("-R %s: %s", spec.text, exc)
-            _refuse(stream, str(exc))
+            preamble.refuse(stream, str(exc))
             return
         await self._connect_and_splice(stream, spec.host, spec.port, addresses, f"-R {spec.text}")
 
@@ -333,7 +333,7 @@ class Forwarder:
             sock = await connect_target(host, port, addresses)
         except TeteError as exc:
             log.warning("%s: %s", label, exc)
-            _refuse(stream, str(exc))
+            preamble.refuse(stream, str(exc))
             return
         stream.write(preamble.encode(preamble.Accept()))
         try:
@@ -348,13 +348,13 @@ class Forwarder:
         refusal = self.policy.listen_refusal(host, port)
         if refusal is not None:
             log.warning("refused the peer's request to listen on %s", endpoint(host, port))
-            _refuse(stream, refusal)
+            preamble.refuse(stream, refusal)
             return
         try:
             sock = await bind_listener(host, port)
         except TeteError as exc:
             log.warning("the peer's -R: %s", exc)
-            _refuse(stream, str(exc))
+            preamble.refuse(stream, str(exc))
             return
         bound = sock.getsockname()[1]
         log.info("listening on %s for the peer", endpoint(host, bound))
@@ -383,11 +383,6 @@ async def _wait_stream_end(stream: Stream) -> None:
     with contextlib.suppress(TeteError, PeerLeft):
         while await stream.read():
             pass
-
-
-def _refuse(stream: Stream, reason: str) -> None:
-    stream.write(preamble.encode(preamble.Refuse(reason)))
-    stream.close()
 
 
 async def forward_command(config: LinkConfig, forwarder: Forwarder) -> None:

@@ -226,12 +226,7 @@ async def _open_pipe(session: Session, is_opener: bool) -> PipeStream:
         if isinstance(request, preamble.Pipe):
             stream.write(preamble.encode(preamble.Accept()))
             return PipeStream(session, stream, awaiting_answer=False)
-        _refuse(stream, "this peer runs `tete-tunnel pipe`, not `forward`")
-
-
-def _refuse(stream: Stream, reason: str) -> None:
-    stream.write(preamble.encode(preamble.Refuse(reason)))
-    stream.close()
+        preamble.refuse(stream, "this peer runs `tete-tunnel pipe`, not `forward`")
 
 
 async def _refuse_streams(session: Session) -> None:
@@ -241,7 +236,7 @@ async def _refuse_streams(session: Session) -> None:
             stream = await session.accept()
         except (PeerLeft, TeteError):
             return  # the session ended; the pipe itself reports why
-        _refuse(stream, "this peer runs `tete-tunnel pipe` and serves nothing else")
+        preamble.refuse(stream, "this peer runs `tete-tunnel pipe` and serves nothing else")
 
 
 async def _pipe_over(

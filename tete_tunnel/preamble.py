@@ -153,3 +153,16 @@ async def read_message(stream: ByteReader) -> Request | Answer:
         return decode(await stream.readexactly(length))
     except asyncio.IncompleteReadError as exc:
         raise PreambleError("the stream ended inside its open message") from exc
+
+
+class Answerable(Protocol):
+    """What refusing needs of a stream."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+def refuse(stream: Answerable, reason: str) -> None:
+    """Answer an open request with REFUSE and end our side (the opener resets its client)."""
+    stream.write(encode(Refuse(reason)))
+    stream.close()

@@ -37,6 +37,10 @@ ALPN = "tete/1"
 READY = b"TETE\x01RDY"  # 8 bytes, the TLS server's first application data
 PREAUTH_TIMEOUT = 10.0  # HELLO to READY; a stalling stranger is dropped after this
 SPAKE_ID = b"tete-tunnel/1"
+# One side has --code and the other not: each side says it from where it stands, whether
+# it found out itself or from the peer's REFUSE.
+CODE_NOT_HERE = "the peer uses --code but we were given none: give both sides the same --code"
+CODE_NOT_THERE = "the peer did not use --code: give both sides the same --code"
 
 
 class Mode(enum.Enum):
@@ -187,9 +191,7 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
     if spake_state is not None:
         if not peer_hello.spake_message:
             await _refuse(sock, msg.RefuseReason.CODE_MISSING)
-            raise AuthenticationError(
-                "the peer did not use --code: give both sides the same --code"
-            )
+            raise AuthenticationError(CODE_NOT_THERE)
         try:
             key = spake_state.finish(peer_hello.spake_message)
         except Exception as exc:  # spake2 raises assorted types for malformed points
@@ -199,9 +201,7 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
         mac = _confirmation(key, my_fp, transcript)
     elif peer_hello.spake_message:
         await _refuse(sock, msg.RefuseReason.CODE_UNEXPECTED)
-        raise AuthenticationError(
-            "the peer uses --code but we were given none: give both sides the same --code"
-        )
+        raise AuthenticationError(CODE_NOT_HERE)
 
     await _send(sock, msg.encode_finish(msg.Finish(nonce, mac)))
     kind, body = await _recv_message(sock, "the peer's FINISH")
@@ -260,11 +260,9 @@ def _refused(reason: int, identity: Identity) -> AuthenticationError:
             "(check the ID it has with `tete-tunnel id` on our side)"
         )
     if reason == msg.RefuseReason.CODE_MISSING:
-        return AuthenticationError(
-            "the peer uses --code but we were given none: give both sides the same --code"
-        )
+        return AuthenticationError(CODE_NOT_HERE)
     if reason == msg.RefuseReason.CODE_UNEXPECTED:
-        return AuthenticationError("the peer did not use --code: give both sides the same --code")
+        return AuthenticationError(CODE_NOT_THERE)
     if reason == msg.RefuseReason.SAME_IDENTITY:
         return AuthenticationError(
             "both peers use the same identity: give one of them its own with --identity DIR"

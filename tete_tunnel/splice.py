@@ -26,10 +26,14 @@ class Refused(TeteError):
     """The peer refused to open what we asked for; the reason is its own words."""
 
 
-def reset_socket(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), as a refused or reset connection should look."""
+def _linger_zero(sock: socket.socket) -> None:
+    """Make the next close send RST, as a refused or reset connection should look."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def reset_socket(sock: socket.socket) -> None:
+    _linger_zero(sock)
     sock.close()
 
 
@@ -168,8 +172,7 @@ class _Splice(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                _linger_zero(sock)
             self.transport.abort()
 
 
