@@ -154,6 +154,45 @@ def test_round_trip_of_a_sequence_one_byte_at_a_time(seq: list[Frame]) -> None:
     assert [normalized(f) for f in got] == [normalized(f) for f in seq]
 
 
+@given(st.lists(frames(), max_size=10), st.binary(max_size=40))
+@settings(max_examples=400)
+def test_the_callers_buffer_may_be_reused_once_frames_are_taken(
+    seq: list[Frame], sizes: bytes
+) -> None:
+    """As the session does: every read lands in one buffer, overwritten by the next read."""
+    wire = b"".join(encode(f) for f in seq)
+    buffer = bytearray(max(len(wire), 1))
+    view = memoryview(buffer)
+    decoder = FrameDecoder()
+    got: list[Frame] = []
+    start = 0
+    for cut in [*sorted(set(cuts_from(sizes, len(wire)))), len(wire)]:
+        n = cut - start
+        buffer[:] = b"\xee" * len(buffer)  # the last read's bytes are gone
+        view[:n] = wire[start:cut]
+        decoder.feed(view[:n])
+        got.extend(decoder.frames())
+        start = cut
+    assert [normalized(f) for f in got] == [normalized(f) for f in seq]
+    assert decoder.buffered == 0
+
+
+@given(st.lists(frames(), min_size=1, max_size=6), st.binary(min_size=1, max_size=20))
+@settings(max_examples=300)
+def test_feeding_again_before_taking_the_frames_loses_nothing(
+    seq: list[Frame], sizes: bytes
+) -> None:
+    wire = b"".join(encode(f) for f in seq)
+    decoder = FrameDecoder()
+    start = 0
+    for cut in [*sorted(set(cuts_from(sizes, len(wire)))), len(wire)]:
+        decoder.feed(wire[start:cut])  # no frames taken in between
+        start = cut
+    assert decoder.buffered == len(wire)
+    assert [normalized(f) for f in decoder.frames()] == [normalized(f) for f in seq]
+    assert decoder.buffered == 0
+
+
 def test_payload_survives_later_feeds() -> None:
     decoder = FrameDecoder()
     decoder.feed(encode(Frame(FrameType.DATA, Flag.NONE, 1, 4, b"abcd")) + b"\x00")

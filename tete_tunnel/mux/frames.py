@@ -86,80 +86,91 @@ def _check_header(version: int, type_: int, flags: int, stream_id: int, length: 
     return Frame(frame_type, _FLAGS[flags], stream_id, length)
 
 
+_EMPTY = memoryview(b"")
+
+
 class FrameDecoder:
     """Feed bytes in, take whole frames out; a broken stream raises ProtocolError.
 
     Frames are parsed straight from the bytes fed in (a memoryview of the caller's read
-    buffer) and each payload is copied out once; only a partial frame at the end is kept,
-    copied, when `next_frame` returns None or at the next `feed`. So the caller may reuse
-    its buffer once it has taken all the frames.
+    buffer) and each payload is copied out once. When `next_frame` returns None everything
+    fed has been taken or copied (a split header, the first part of a payload), so the
+    caller may reuse its buffer; a payload split across feeds is joined from its parts,
+    never by copying whole feeds into a buffer of our own.
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()  # a partial frame kept between feeds
-        self._pos = 0
-        self._view: memoryview | None = None  # the last feed, while it is being parsed
+        self._view = _EMPTY  # the last feed, while it is being parsed
         self._vpos = 0
+        self._head = bytearray()  # a header split across feeds
         self._pending: Frame | None = None  # a checked header waiting for its payload
-
-    def _keep_rest(self) -> None:
-        if self._view is not None:
-            self._buf = bytearray(self._view[self._vpos :])
-            self._pos = 0
-            self._view = None
+        self._parts: list[bytes | memoryview] = []  # its payload so far (copies)
+        self._have = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._keep_rest()
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        if self._buf:
-            self._buf += data
-        else:
-            self._view = memoryview(data).cast("B")
-            self._vpos = 0
+        if self._vpos < len(self._view):  # fed again before taking every frame: keep them
+            data = bytes(self._view[self._vpos :]) + bytes(data)
+        self._view = memoryview(data).cast("B")
+        self._vpos = 0
 
     @property
     def buffered(self) -> int:
-        if self._view is not None:
-            return len(self._view) - self._vpos
-        return len(self._buf) - self._pos
+        return len(self._head) + self._have + len(self._view) - self._vpos
 
     def next_frame(self) -> Frame | None:
-        view = self._view
-        if view is not None:
-            src, pos = view, self._vpos
-        else:
-            src, pos = self._buf, self._pos
         frame = self._pending
         if frame is None:
-            if len(src) - pos < HEADER_SIZE:
-                self._keep_rest()
+            header = self._take_header()
+            if header is None:
                 return None
-            frame = _check_header(*HEADER.unpack_from(src, pos))
-            pos += HEADER_SIZE
-        if frame.type is not FrameType.DATA or frame.length == 0:
-            self._pending = None
-        elif len(src) - pos < frame.length:
+            frame = _check_header(*header)
+            if frame.type is not FrameType.DATA or frame.length == 0:
+                return frame
+        view, pos = self._view, self._vpos
+        need = frame.length - self._have
+        if len(view) - pos < need:
+            if pos < len(view):
+                self._parts.append(bytes(view[pos:]))
+                self._have += len(view) - pos
+            self._release()
             self._pending = frame
-            self._set_pos(pos)
-            self._keep_rest()
             return None
+        end = pos + need
+        if self._parts:
+            self._parts.append(view[pos:end])
+            payload = b"".join(self._parts)
+            self._parts = []
+            self._have = 0
         else:
-            self._pending = None
-            end = pos + frame.length
-            frame = Frame(
-                frame.type, frame.flags, frame.stream_id, frame.length, bytes(src[pos:end])
-            )
-            pos = end
-        self._set_pos(pos)
-        return frame
+            payload = bytes(view[pos:end])
+        self._vpos = end
+        self._pending = None
+        return Frame(frame.type, frame.flags, frame.stream_id, frame.length, payload)
 
-    def _set_pos(self, pos: int) -> None:
-        if self._view is not None:
-            self._vpos = pos
-        else:
-            self._pos = pos
+    def _take_header(self) -> tuple[int, int, int, int, int] | None:
+        view, pos = self._view, self._vpos
+        head = self._head
+        if head:
+            take = min(HEADER_SIZE - len(head), len(view) - pos)
+            head += view[pos : pos + take]
+            self._vpos = pos + take
+            if len(head) < HEADER_SIZE:
+                self._release()
+                return None
+            fields = HEADER.unpack(head)
+            head.clear()
+            return fields
+        if len(view) - pos >= HEADER_SIZE:
+            self._vpos = pos + HEADER_SIZE
+            return HEADER.unpack_from(view, pos)
+        head += view[pos:]
+        self._release()
+        return None
+
+    def _release(self) -> None:
+        """All of the last feed is taken: let go of the caller's buffer."""
+        self._view = _EMPTY
+        self._vpos = 0
 
     def frames(self) -> list[Frame]:
         out = []
