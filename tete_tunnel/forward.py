@@ -16,7 +16,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from tete_tunnel.policy import Policy
 from tete_tunnel.punch import endpoint, port_holder
 from tete_tunnel.session import PeerLeft, Session, Stream
 from tete_tunnel.shutdown import Interrupted, Signals
-from tete_tunnel.splice import Refused, reset_socket, splice
+from tete_tunnel.splice import ConnectFailed, OpenFailed, Refused, Splice, connect_and_splice
 
 log = logging.getLogger("tete_tunnel")
 
@@ -120,31 +119,6 @@ async def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def connect_target(host: str, port: int, addresses: list[tuple]) -> socket.socket:
-    """Connect to the first address that answers; TeteError says why none did."""
-    last: OSError | None = None
-    for family, address in addresses:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await asyncio.get_running_loop().sock_connect(sock, address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except TimeoutError:
-            sock.close()
-            last = OSError(errno.ETIMEDOUT, "timed out")
-        except OSError as exc:
-            sock.close()
-            last = exc
-        except BaseException:
-            sock.close()
-            raise
-    # asyncio words connect failures as "Connect call failed (...)": say what errno means.
-    reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
-    raise TeteError(f"cannot connect to {endpoint(host, port)}: {reason}")
-
-
 async def resolve(host: str, port: int) -> list[tuple]:
     """Addresses for host:port; an IP literal needs no resolver (asyncio would use a thread)."""
     try:
@@ -160,13 +134,6 @@ async def resolve(host: str, port: int) -> list[tuple]:
     except socket.gaierror as exc:
         raise TeteError(f"cannot resolve {host}: {exc.strerror}") from exc
     return [(family, address) for family, _, _, _, address in infos]
-
-
-def _describe(sock: socket.socket) -> str:
-    try:
-        return endpoint(*sock.getpeername()[:2])
-    except OSError:
-        return "a client"
 
 
 class Forwarder:
@@ -208,7 +175,9 @@ class Forwarder:
             for spec, sock in self.listeners:
                 bound = endpoint(*sock.getsockname()[:2])
                 print(f"Forwarding {bound} -> peer {endpoint(spec.host, spec.port)}", flush=True)
-                tg.create_task(self._accept_local(session, spec, sock, tg))
+                request = preamble.Connect(spec.host, spec.port)
+                # The relay closes the socket it serves: ours stays for the next session.
+                tg.create_task(self._relay(session, sock.dup(), request, spec.text))
             for spec in self.remote:
                 tg.create_task(self._request_remote(session, spec))
             while True:
@@ -217,37 +186,64 @@ class Forwarder:
 
     # -- -L: our listeners --------------------------------------------------------------
 
-    async def _accept_local(
-        self, session: Session, spec: ForwardSpec, sock: socket.socket, tg: asyncio.TaskGroup
+    async def _relay(
+        self,
+        session: Session,
+        sock: socket.socket,
+        request: preamble.Request,
+        label: str,
+        until: asyncio.Event | None = None,
     ) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(sock)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tg.create_task(
-                self._to_peer(session, conn, preamble.Connect(spec.host, spec.port), spec.text)
-            )
+        """Each connection to `sock` goes to the peer on a stream that starts with `request`.
 
-    async def _to_peer(
-        self, session: Session, conn: socket.socket, request: preamble.Request, label: str
-    ) -> None:
-        """A local connection goes to the peer: open a stream, send the request, splice."""
-        try:
+        Runs until cancelled, or until `until` is set and the connections it accepted have
+        ended. Connections are protocols owned here (no task each): cheap to accept, and
+        reset when this returns. Takes `sock` over: it is closed when `until` is set or when
+        this returns.
+        """
+        loop = asyncio.get_running_loop()
+        opening = preamble.encode(request)
+        conns: set[Splice] = set()
+        idle = asyncio.Event()
+        idle.set()
+
+        def open_stream() -> Stream:
             stream = session.open_stream()
-        except TeteError as exc:
-            log.warning("%s: %s; dropping the connection", label, exc)
-            reset_socket(conn)
-            return
-        stream.write(preamble.encode(request))  # data may follow at once: no round trip
-        client = _describe(conn)
+            stream.write(opening)  # data may follow at once: no round trip
+            return stream
+
+        def ended(conn: Splice, error: BaseException | None) -> None:
+            conns.discard(conn)
+            if not conns:
+                idle.set()
+            if error is None or isinstance(error, (PeerLeft, LinkLost)):
+                return  # the session's end is reported once, by the caller of serve()
+            if isinstance(error, Refused):
+                log.warning(
+                    "%s: the peer refused the connection from %s: %s", label, conn.client, error
+                )
+            elif isinstance(error, OpenFailed):
+                log.warning("%s: %s; dropping the connection", label, error)
+            else:
+                log.info("%s: connection from %s ended: %s", label, conn.client, error)
+
+        def accepted() -> Splice:
+            conn = Splice(open_stream, answer_pending=True, on_end=ended)
+            conns.add(conn)
+            idle.clear()
+            return conn
+
+        server = await loop.create_server(accepted, sock=sock, backlog=LISTEN_BACKLOG)
         try:
-            await splice(conn, stream, answer_pending=True)
-        except Refused as exc:
-            log.warning("%s: the peer refused the connection from %s: %s", label, client, exc)
-        except (PeerLeft, LinkLost):
-            pass  # the session's end is reported once, by the caller of serve()
-        except TeteError as exc:
-            log.info("%s: connection from %s ended: %s", label, client, exc)
+            if until is None:
+                await asyncio.Future()  # until cancelled
+            await until.wait()
+            server.close()
+            await idle.wait()
+        finally:
+            server.close()
+            for conn in list(conns):
+                conn.abort()
 
     # -- -R: we ask the peer to listen ------------------------------------------------------
 
@@ -329,15 +325,14 @@ class Forwarder:
     async def _connect_and_splice(
         self, stream: Stream, host: str, port: int, addresses: list[tuple], label: str
     ) -> None:
+        accept = preamble.encode(preamble.Accept())
         try:
-            sock = await connect_target(host, port, addresses)
-        except TeteError as exc:
+            await connect_and_splice(
+                stream, host, addresses, answer=accept, per_address=CONNECT_TIMEOUT
+            )
+        except ConnectFailed as exc:
             log.warning("%s: %s", label, exc)
             preamble.refuse(stream, str(exc))
-            return
-        stream.write(preamble.encode(preamble.Accept()))
-        try:
-            await splice(sock, stream, answer_pending=False)
         except (PeerLeft, LinkLost):
             pass
         except TeteError as exc:
@@ -359,30 +354,22 @@ class Forwarder:
         bound = sock.getsockname()[1]
         log.info("listening on %s for the peer", endpoint(host, bound))
         stream.write(preamble.encode(preamble.Bound(bound)))
-        loop = asyncio.get_running_loop()
-        request = preamble.Forwarded(stream.id)
         label = f"the peer's -R on {endpoint(host, bound)}"
+        closed = asyncio.Event()  # the peer closed the forward; its connections may finish
         try:
-            async with asyncio.TaskGroup() as conns:
-                waiter = conns.create_task(_wait_stream_end(stream))
-                while not waiter.done():
-                    accept = conns.create_task(loop.sock_accept(sock))
-                    await asyncio.wait([accept, waiter], return_when=asyncio.FIRST_COMPLETED)
-                    if accept.done():
-                        conn, _ = accept.result()
-                        conns.create_task(self._to_peer(session, conn, request, label))
-                    else:
-                        accept.cancel()
-                sock.close()  # the peer closed the forward; its connections may finish
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_wait_stream_end(stream, closed))
+                await self._relay(session, sock, preamble.Forwarded(stream.id), label, closed)
         finally:
             sock.close()
             log.info("stopped listening on %s", endpoint(host, bound))
 
 
-async def _wait_stream_end(stream: Stream) -> None:
+async def _wait_stream_end(stream: Stream, closed: asyncio.Event) -> None:
     with contextlib.suppress(TeteError, PeerLeft):
         while await stream.read():
             pass
+    closed.set()
 
 
 async def forward_command(config: LinkConfig, forwarder: Forwarder) -> None:

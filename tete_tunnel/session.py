@@ -247,7 +247,8 @@ class Session:
         self._transport: asyncio.Transport = carrier.transport
         self._loop = asyncio.get_running_loop()
         self._streams: dict[int, Stream] = {}
-        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        self._incoming: deque[Stream] = deque()  # bounded by the core's pending limit
+        self._incoming_ready = asyncio.Event()  # set when a stream arrives or the session ends
         self._writing_paused = False
         self._flush_scheduled = False
         self._pending_finish: tuple[BaseException | None] | None = None
@@ -325,6 +326,7 @@ class Session:
         self._streams.clear()
         self.ended.set()
         self._idle.set()
+        self._incoming_ready.set()
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
         if error is None:
@@ -353,17 +355,12 @@ class Session:
 
     async def accept(self) -> Stream:
         """The next stream the peer opened (its ACK goes out now)."""
-        get = asyncio.ensure_future(self._incoming.get())
-        ended = asyncio.ensure_future(self.ended.wait())
-        try:
-            await asyncio.wait([get, ended], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ended.cancel()
-            if not get.done():
-                get.cancel()
-        if not get.done() or get.cancelled():
-            raise self.error or (PeerLeft() if self.peer_left else LinkLost("session ended"))
-        stream = get.result()
+        while not self._incoming:
+            if self.ended.is_set():
+                raise self.error or (PeerLeft() if self.peer_left else LinkLost("session ended"))
+            self._incoming_ready.clear()
+            await self._incoming_ready.wait()
+        stream = self._incoming.popleft()
         if stream.id in self.conn.stream_ids:
             self.conn.accept_stream(stream.id)
             self._schedule_flush()
@@ -439,7 +436,8 @@ class Session:
                     stream._data(event.data)
             elif isinstance(event, ev.StreamOpened):
                 stream = self._streams[event.stream_id] = Stream(self, event.stream_id)
-                self._incoming.put_nowait(stream)  # bounded by the core's pending limit
+                self._incoming.append(stream)
+                self._incoming_ready.set()
             elif isinstance(event, ev.StreamEnded):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
+from collections.abc import Callable
 
 from tete_tunnel import preamble
 from tete_tunnel.errors import TeteError
+from tete_tunnel.punch import endpoint
 from tete_tunnel.session import STREAM_HIGH_WATER, PeerLeft, Stream
 
 TCP_HIGH_WATER = 256 * 1024
@@ -32,16 +36,29 @@ def _linger_zero(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def reset_socket(sock: socket.socket) -> None:
-    _linger_zero(sock)
-    sock.close()
+class OpenFailed(TeteError):
+    """No stream could be opened for a new connection (e.g. the session is ending)."""
 
 
-class _Splice(asyncio.Protocol):
-    def __init__(self, stream: Stream, answer_pending: bool, done: asyncio.Future[None]) -> None:
-        self.stream = stream
+class Splice(asyncio.Protocol):
+    """One TCP connection spliced to one stream; `on_end(self, error)` is called once.
+
+    `open_stream` is called when the TCP connection is made (so a listener can create these
+    without a task per connection); it returns the stream, with any request already written.
+    """
+
+    def __init__(
+        self,
+        open_stream: Callable[[], Stream],
+        *,
+        answer_pending: bool,
+        on_end: Callable[[Splice, BaseException | None], None],
+    ) -> None:
+        self._open_stream = open_stream
+        self.stream: Stream | None = None
         self.answer: bytearray | None = bytearray() if answer_pending else None
-        self.done = done
+        self.on_end = on_end
+        self.ended = False
         self.transport: asyncio.Transport | None = None
         self.up_done = False  # TCP EOF passed on as FIN
         self.down_done = False  # stream FIN passed on as TCP EOF
@@ -49,16 +66,27 @@ class _Splice(asyncio.Protocol):
         self.writing_paused = False
         self.owed = 0  # credit held back while the TCP transport is full
 
+    @property
+    def client(self) -> str:
+        """Who is on the TCP side, for log lines."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return endpoint(*peer[:2]) if peer else "a client"
+
     # -- TCP side -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+        try:
+            self.stream = self._open_stream()
+        except (TeteError, PeerLeft) as exc:
+            self.fail(OpenFailed(str(exc) or "the session has ended"))
+            return
         self.stream.on_drained = self._stream_drained
         self.stream.attach(self)
 
     def data_received(self, data: bytes) -> None:
+        assert self.stream is not None
         try:
             self.stream.write(data)
         except (TeteError, PeerLeft) as exc:
@@ -75,15 +103,17 @@ class _Splice(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        assert self.stream is not None
         self.stream.write_eof()
         self.up_done = True
         self._check_done()
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
+        if not self.ended:
             if exc is None and self.up_done and self.down_done:
-                self.done.set_result(None)
+                self.ended = True
+                self.on_end(self, None)
             else:
                 reason = f"connection reset: {exc}" if exc else "connection closed early"
                 self.fail(TeteError(reason))
@@ -93,13 +123,14 @@ class _Splice(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.owed:
+        if self.owed and self.stream is not None:
             self.stream.credit(self.owed)
             self.owed = 0
 
     # -- stream side --------------------------------------------------------------------
 
     def stream_data(self, data: bytes) -> None:
+        assert self.stream is not None
         if self.answer is not None:
             data = self._take_answer(data)
             if not data:
@@ -116,7 +147,7 @@ class _Splice(asyncio.Protocol):
 
     def _take_answer(self, data: bytes) -> bytes:
         """Collect the peer's answer; return the data behind it once it is complete."""
-        assert self.answer is not None
+        assert self.answer is not None and self.stream is not None
         self.answer += data
         if len(self.answer) < 2:
             return b""
@@ -163,12 +194,14 @@ class _Splice(asyncio.Protocol):
 
     def fail(self, error: BaseException) -> None:
         """Whichever side broke, the other learns at once: a reset each way."""
-        if not self.done.done():
-            self.done.set_exception(error)
+        if not self.ended:
+            self.ended = True
+            self.on_end(self, error)
         self.abort()
 
     def abort(self) -> None:
-        self.stream.reset()
+        if self.stream is not None:
+            self.stream.reset()
         if self.transport is not None and not self.transport.is_closing():
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
@@ -176,19 +209,47 @@ class _Splice(asyncio.Protocol):
             self.transport.abort()
 
 
-async def splice(sock: socket.socket, stream: Stream, *, answer_pending: bool) -> None:
-    """Run until both directions have ended; raises Refused, StreamReset, LinkLost, ..."""
+class ConnectFailed(TeteError):
+    """No address of the target answered; nothing was written to the stream."""
+
+
+async def connect_and_splice(
+    stream: Stream, host: str, addresses: list[tuple], *, answer: bytes, per_address: float
+) -> None:
+    """Connect to the first address that answers, then `answer` the stream and splice.
+
+    Runs until both directions have ended; raises ConnectFailed, StreamReset, LinkLost, ...
+    The connection is made by the loop (one call: no per-socket set-up of our own).
+    """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    sock.setblocking(False)
-    try:
-        _, protocol = await loop.connect_accepted_socket(
-            lambda: _Splice(stream, answer_pending, done), sock
-        )
-    except OSError as exc:
-        stream.reset()
-        sock.close()
-        raise TeteError(f"connection lost: {exc.strerror or exc}") from exc
+
+    def on_end(_: Splice, error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def accepted() -> Stream:
+        stream.write(answer)  # before any data of the target's
+        return stream
+
+    protocol = Splice(accepted, answer_pending=False, on_end=on_end)
+    last: OSError | None = None
+    for family, address in addresses:
+        try:
+            async with asyncio.timeout(per_address):
+                await loop.create_connection(lambda: protocol, *address[:2], family=family)
+            break
+        except TimeoutError:
+            last = OSError(errno.ETIMEDOUT, "timed out")
+        except OSError as exc:
+            last = exc
+    else:
+        # asyncio words failures as "Connect call failed (...)": say what errno means.
+        reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
+        raise ConnectFailed(f"cannot connect to {endpoint(host, addresses[0][1][1])}: {reason}")
     try:
         await done
     except asyncio.CancelledError:
