@@ -21,8 +21,7 @@ class Carrier(asyncio.Protocol):
         self._changed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -135,11 +135,12 @@ def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.
 
 async def _tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> Carrier:
     loop = asyncio.get_running_loop()
+    carrier = Carrier()  # not the returned protocol: uvloop returns its SSL layer there
     if server_side:
-        _, carrier = await loop.connect_accepted_socket(Carrier, sock, ssl=ctx)
+        await loop.connect_accepted_socket(lambda: carrier, sock, ssl=ctx)
     else:
-        _, carrier = await loop.create_connection(
-            Carrier, sock=sock, ssl=ctx, server_hostname="tete-tunnel"
+        await loop.create_connection(
+            lambda: carrier, sock=sock, ssl=ctx, server_hostname="tete-tunnel"
         )
     return carrier
 
