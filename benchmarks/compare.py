@@ -48,6 +48,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 HELPER = [sys.executable, str(SCRIPT), "--helper"]  # this script as a helper process
+DELAYLINE = SCRIPT.parent / "delayline.py"  # a userspace stand-in for netem
 
 CHUNK = 1 << 20  # source/sink buffer
 ECHO_SIZE = 1024  # short connections: 1 KiB up, 1 KiB back
@@ -59,8 +60,9 @@ STOP_TIMEOUT = 5.0  # SIGTERM, then this long, then SIGKILL
 IDLE_BATCH = 50  # idle streams are opened this many at a time (listen backlogs are finite)
 PARALLEL = 50  # concurrent short connections
 MULTI_STREAMS = 100
-RTT_DELAY_MS = 50  # netem delay on each end of the veth pair
+RTT_DELAY_MS = 50  # netem delay on each end of the veth pair (or the delay line's each way)
 LAB_NET = "10.213.7"  # addresses inside our own namespaces only
+LAB_FAR_NET = "10.213.8"  # the server side's, when the delay line routes between the two
 
 HIGHER, LOWER = "higher", "lower"
 
@@ -565,25 +567,39 @@ def _readline(proc: subprocess.Popen[bytes], stream: IO[bytes], timeout: float) 
     return data.decode().strip()
 
 
+def _veth(ends: list[tuple[str, str, str]]) -> None:
+    """A veth pair, up, its ends given as (namespace, device, address/prefix)."""
+    (ns1, dev1, _), (ns2, dev2, _) = ends
+    peer = ["peer", "name", dev2, "netns", ns2]
+    run_quiet(["ip", "-n", ns1, "link", "add", dev1, "type", "veth", *peer])
+    for ns, dev, addr in ends:
+        run_quiet(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
+        run_quiet(["ip", "-n", ns, "link", "set", dev, "up"])
+
+
 @contextlib.contextmanager
-def nat_lab(tmp: Path, delay_ms: int | None) -> Iterator[Site]:
-    """Two namespaces joined by a veth pair, `delay_ms` of netem on each end (None: none)."""
+def nat_lab(tmp: Path, delay_ms: int | None, userspace: bool = False) -> Iterator[Site]:
+    """Two namespaces joined by a veth pair, `delay_ms` of netem on each end (None: none).
+
+    With `userspace` (no netem in this kernel), a third namespace routes between the two
+    instead, through delayline.py: a TUN device whose packets are held `delay_ms` each way.
+    """
     tag = f"tb{os.getpid() % 100000}"
-    ns_a, ns_b = f"{tag}a", f"{tag}b"
-    addr_a, addr_b = f"{LAB_NET}.1", f"{LAB_NET}.2"
+    ns_a, ns_b, ns_d = f"{tag}a", f"{tag}b", f"{tag}d"
+    addr_a, addr_b = f"{LAB_NET}.1", f"{LAB_FAR_NET if userspace else LAB_NET}.2"
     made: list[str] = []
+    line: subprocess.Popen[bytes] | None = None
     try:
-        for ns in (ns_a, ns_b):
+        for ns in (ns_a, ns_b, ns_d) if userspace else (ns_a, ns_b):
             run_quiet(["ip", "netns", "add", ns])
             made.append(ns)
             run_quiet(["ip", "-n", ns, "link", "set", "lo", "up"])
-        veth_a, veth_b = f"{tag}va", f"{tag}vb"
-        peer = ["peer", "name", veth_b, "netns", ns_b]
-        run_quiet(["ip", "-n", ns_a, "link", "add", veth_a, "type", "veth", *peer])
-        for ns, dev, addr in ((ns_a, veth_a, addr_a), (ns_b, veth_b, addr_b)):
-            run_quiet(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
-            run_quiet(["ip", "-n", ns, "link", "set", dev, "up"])
-            if delay_ms is not None:
+        if userspace:
+            line = _start_delay_line(tmp, tag, (ns_a, ns_b, ns_d), (addr_a, addr_b), delay_ms)
+        else:
+            ends = [(ns_a, f"{tag}va", f"{addr_a}/24"), (ns_b, f"{tag}vb", f"{addr_b}/24")]
+            _veth(ends)
+            for ns, dev, _ in ends if delay_ms is not None else []:
                 netem = ["tc", "qdisc", "add", "dev", dev, "root", "netem"]
                 run_quiet([
                     "ip", "netns", "exec", ns, *netem, "delay", f"{delay_ms}ms", "limit", "100000"
@@ -596,8 +612,48 @@ def nat_lab(tmp: Path, delay_ms: int | None) -> Iterator[Site]:
             if site.sink is not None:
                 PROCS.stop(site.sink)
     finally:
+        if line is not None:
+            PROCS.stop(line)
+            # Its summary: whether it dropped packets or wrote any late.
+            log(f"  {_last_line(tmp / 'delayline.log')}")
         for ns in made:
             run_quiet(["ip", "netns", "del", ns], check=False)
+
+
+def _start_delay_line(
+    tmp: Path, tag: str, spaces: tuple[str, str, str], addrs: tuple[str, str], delay_ms: int | None
+) -> subprocess.Popen[bytes]:
+    """A -- D -- B: D forwards, its policy rules sending A's and B's packets through the line."""
+    ns_a, ns_b, ns_d = spaces
+    addr_a, addr_b = addrs
+    hop_a, hop_b = f"{LAB_NET}.254", f"{LAB_FAR_NET}.254"
+    forward = ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"]
+    run_quiet(["ip", "netns", "exec", ns_d, "sysctl", "-qw", *forward])
+    _veth([(ns_a, f"{tag}va", f"{addr_a}/24"), (ns_d, f"{tag}da", f"{hop_a}/24")])
+    _veth([(ns_b, f"{tag}vb", f"{addr_b}/24"), (ns_d, f"{tag}db", f"{hop_b}/24")])
+    run_quiet(["ip", "-n", ns_a, "route", "add", f"{LAB_FAR_NET}.0/24", "via", hop_a])
+    run_quiet(["ip", "-n", ns_b, "route", "add", f"{LAB_NET}.0/24", "via", hop_b])
+    cmd = [
+        sys.executable, str(DELAYLINE), "--delay-ms", str(delay_ms or 0), "--dev", f"{tag}dl",
+        "--iif", f"{tag}da", "--iif", f"{tag}db",
+    ]  # fmt: skip
+    with open(tmp / "delayline.log", "wb") as err:
+        line = PROCS.start(cmd, netns=ns_d, stdout=subprocess.PIPE, stderr=err)
+    assert line.stdout is not None
+    try:
+        if (said := _readline(line, line.stdout, START_TIMEOUT)) != "ready":
+            raise BenchError(f"said {said!r}, not 'ready'")
+    except BenchError as exc:
+        PROCS.stop(line)
+        raise BenchError(f"delayline.py: {_last_line(tmp / 'delayline.log') or exc}") from None
+    return line
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+    return ""
 
 
 def probe_netem() -> str | None:
@@ -1467,25 +1523,34 @@ def _ceiling_text(ceiling: dict[str, float]) -> str:
 def rtt_phase(
     tmp: Path, assets: dict[str, Any], plan: Plan, row: Row, delay_ms: int | None
 ) -> None:
-    """The long-RTT row, across two namespaces; n/a (with the reason) without netem."""
+    """The long-RTT row, across two namespaces; without netem, through delayline.py."""
+    userspace = False
     if delay_ms is not None:
         reason = probe_netem()
         if reason is not None:
-            row.note = f"n/a (netem unavailable: {reason.removeprefix('Error: ')})"
-            log(f"long RTT: {row.note}")
-            return
+            userspace = True
+            why = reason.removeprefix("Error: ")
+            row.label = (
+                f"long RTT (userspace delay line {delay_ms} ms each way, netem unavailable), "
+                f"1 stream, {_size(plan.rtt_bytes)}"
+            )
+            log(f"long RTT: netem unavailable ({why}); using {DELAYLINE.name} instead")
     (tmp / "lab").mkdir(exist_ok=True)
-    with nat_lab(tmp / "lab", delay_ms) as site:
-        sshd: SshServer | None = None
-        try:
-            sshd = start_sshd(site, tmp / "lab" / "sshd", plan, [row])
-            tools = make_tools(site, sshd, assets, plan.tools)
-            for r, tool in rounds(tools, plan.runs):
-                log(f"long RTT round {r + 1}/{plan.runs}: {tool.label}")
-                measure_rtt_round(tool, plan, row)
-        finally:
-            if sshd is not None:
-                sshd.stop()
+    try:
+        with nat_lab(tmp / "lab", delay_ms, userspace) as site:
+            sshd: SshServer | None = None
+            try:
+                sshd = start_sshd(site, tmp / "lab" / "sshd", plan, [row])
+                tools = make_tools(site, sshd, assets, plan.tools)
+                for r, tool in rounds(tools, plan.runs):
+                    log(f"long RTT round {r + 1}/{plan.runs}: {tool.label}")
+                    measure_rtt_round(tool, plan, row)
+            finally:
+                if sshd is not None:
+                    sshd.stop()
+    except BenchError as exc:  # the lab itself failed (the rounds catch their own failures)
+        row.note = f"n/a ({exc})"
+        log(f"long RTT: {row.note}")
 
 
 if __name__ == "__main__":
