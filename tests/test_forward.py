@@ -87,6 +87,7 @@ def fetch_many(url: str, n: int) -> list[str]:
         return list(pool.map(one, range(n)))
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_http_through_L_and_R_fifty_concurrent_downloads(procs: Procs, tmp_path: Path) -> None:
     blob = os.urandom(1 << 20)
     (tmp_path / "blob").write_bytes(blob)
@@ -100,6 +101,7 @@ def test_http_through_L_and_R_fifty_concurrent_downloads(procs: Procs, tmp_path:
     stop(a, b)
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_five_hundred_concurrent_echo_connections(procs: Procs, tmp_path: Path) -> None:
     echo = start_server(procs, "echo")
     a, b = start_pair(procs, tmp_path, ["-L", f"0:127.0.0.1:{echo}"], [])
@@ -124,6 +126,7 @@ def test_five_hundred_concurrent_echo_connections(procs: Procs, tmp_path: Path) 
     stop(a, b)
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_half_close_reply_after_eof(procs: Procs, tmp_path: Path) -> None:
     server = start_server(procs, "linecount")
     a, b = start_pair(procs, tmp_path, ["-L", f"0:127.0.0.1:{server}"], [])
@@ -138,6 +141,7 @@ def test_half_close_reply_after_eof(procs: Procs, tmp_path: Path) -> None:
     stop(a, b)
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_closed_target_closes_the_client_promptly_and_says_why(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -276,6 +280,7 @@ def test_malformed_spec_exits_2_with_the_syntax(spec: str, tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_sigint_ends_both_sides_and_frees_the_ports(procs: Procs, tmp_path: Path) -> None:
     echo = start_server(procs, "echo")
     (l_port,) = free_ports(1)

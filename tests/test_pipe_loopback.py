@@ -9,11 +9,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import Procs, free_ports, pair_args
 
 LOG_LINE = r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} "
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_four_mib_each_way_at_once(procs: Procs, tmp_path: Path) -> None:
     data_a, data_b = os.urandom(4 << 20), os.urandom(4 << 20)
     pa, pb = free_ports(2)
@@ -81,6 +84,7 @@ def _wait_for(proc_err: Path, text: str, timeout: float) -> None:
     raise AssertionError(f"{text!r} not seen in {proc_err}: {proc_err.read_text()}")
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_sigint_ends_both_sides_cleanly(procs: Procs, tmp_path: Path) -> None:
     """Both sides keep stdin open (a fifo nobody closes); SIGINT on one ends both with 0."""
     pa, pb = free_ports(2)
@@ -191,6 +195,7 @@ def test_ipv6_loopback(procs: Procs, tmp_path: Path) -> None:
     assert f"[::1]:{pb}" in a.err
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_slow_reader_gets_every_byte(procs: Procs, tmp_path: Path) -> None:
     """Regression: the sender's session end must not overtake its queued data.
 

@@ -6,7 +6,6 @@ usage errors); anything else is a bug, shown as one line too, with the traceback
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import traceback
@@ -16,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tete_tunnel import __version__
+from tete_tunnel import __version__, eventloop
 from tete_tunnel.errors import TeteError, UsageError
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.link import DEFAULT_PORT, DEFAULT_TIMEOUT, LinkConfig
@@ -146,7 +145,7 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
     try:
         coro = work()
         if coro is not None:
-            asyncio.run(coro)
+            eventloop.run(coro)
     except TeteError as exc:
         if verbose >= 2:
             traceback.print_exc()
