@@ -63,6 +63,11 @@ MULTI_STREAMS = 100
 RTT_DELAY_MS = 50  # netem delay on each end of the veth pair (or the delay line's each way)
 LAB_NET = "10.213.7"  # addresses inside our own namespaces only
 LAB_FAR_NET = "10.213.8"  # the server side's, when the delay line routes between the two
+# Linux caps a TCP socket's send buffer at net.ipv4.tcp_wmem's third field (4 MiB by
+# default), which at 100 ms RTT caps any single TCP connection near 40 MB/s, whatever the
+# tunnel. The second long-RTT row raises the limits in both lab namespaces (as one would for
+# a long fat link) so the tunnels' own windows show.
+BIG_TCP_BUFFERS = 64 << 20
 
 HIGHER, LOWER = "higher", "lower"
 
@@ -578,11 +583,14 @@ def _veth(ends: list[tuple[str, str, str]]) -> None:
 
 
 @contextlib.contextmanager
-def nat_lab(tmp: Path, delay_ms: int | None, userspace: bool = False) -> Iterator[Site]:
+def nat_lab(
+    tmp: Path, delay_ms: int | None, userspace: bool = False, tcp_buffers: int | None = None
+) -> Iterator[Site]:
     """Two namespaces joined by a veth pair, `delay_ms` of netem on each end (None: none).
 
     With `userspace` (no netem in this kernel), a third namespace routes between the two
     instead, through delayline.py: a TUN device whose packets are held `delay_ms` each way.
+    `tcp_buffers` raises the TCP buffer limits (tcp_rmem/tcp_wmem maximum) in both ends.
     """
     tag = f"tb{os.getpid() % 100000}"
     ns_a, ns_b, ns_d = f"{tag}a", f"{tag}b", f"{tag}d"
@@ -594,6 +602,9 @@ def nat_lab(tmp: Path, delay_ms: int | None, userspace: bool = False) -> Iterato
             run_quiet(["ip", "netns", "add", ns])
             made.append(ns)
             run_quiet(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for ns in (ns_a, ns_b) if tcp_buffers else ():
+            limits = [f"net.ipv4.tcp_{k}mem=4096 131072 {tcp_buffers}" for k in ("r", "w")]
+            run_quiet(["ip", "netns", "exec", ns, "sysctl", "-qw", *limits])
         if userspace:
             line = _start_delay_line(tmp, tag, (ns_a, ns_b, ns_d), (addr_a, addr_b), delay_ms)
         else:
@@ -991,6 +1002,13 @@ def make_rows(plan: Plan) -> dict[str, Row]:
             HIGHER,
             0,
         ),
+        Row(
+            "rtt_big",
+            f"  same, kernel TCP buffer limits raised to {_size(BIG_TCP_BUFFERS)}",
+            "MB/s",
+            HIGHER,
+            0,
+        ),
     ]
     return {r.key: r for r in rows}
 
@@ -1284,7 +1302,7 @@ def render(
         "  ".join("-" * w for w in widths),
         *(line(r) for r in table),
     ]
-    if "socat-tls" in tools or "socat-tcp" in tools:
+    if ("socat-tls" in tools or "socat-tcp" in tools) and "rss_idle" in rows:
         counts = rows["rss_idle"].extra
         forks = ", ".join(
             f"{TOOL_LABELS[t]} {int(statistics.median(counts[t]))}"
@@ -1379,6 +1397,11 @@ def main() -> int:
         default=",".join(TOOL_KEYS),
         help=f"comma-separated subset of {','.join(TOOL_KEYS)}",
     )
+    parser.add_argument(
+        "--only",
+        choices=["loopback", "rtt"],
+        help="run only the loopback rows, or only the long-RTT rows (namespaces)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -1425,8 +1448,13 @@ def main() -> int:
             tmp = Path(tmp_name)
             assets = prepare_assets(tmp)
             log(f"plan: {plan}")
-            ceiling = loop_phase(tmp, assets, plan, rows)
-            rtt_phase(tmp, assets, plan, rows["rtt"], RTT_DELAY_MS)
+            if args.only in (None, "loopback"):
+                ceiling = loop_phase(tmp, assets, plan, rows)
+            if args.only in (None, "rtt"):
+                rtt_phase(tmp, assets, plan, rows, RTT_DELAY_MS)
+            if args.only is not None:  # the other phase's rows stay out of the table
+                want_rtt = args.only == "rtt"
+                rows = {k: r for k, r in rows.items() if k.startswith("rtt") == want_rtt}
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -1521,36 +1549,41 @@ def _ceiling_text(ceiling: dict[str, float]) -> str:
 
 
 def rtt_phase(
-    tmp: Path, assets: dict[str, Any], plan: Plan, row: Row, delay_ms: int | None
+    tmp: Path, assets: dict[str, Any], plan: Plan, rows: dict[str, Row], delay_ms: int | None
 ) -> None:
-    """The long-RTT row, across two namespaces; without netem, through delayline.py."""
+    """The long-RTT rows, across namespaces; without netem, through delayline.py.
+
+    Twice: with the kernel's default TCP buffer limits, and with them raised.
+    """
     userspace = False
     if delay_ms is not None:
         reason = probe_netem()
         if reason is not None:
             userspace = True
             why = reason.removeprefix("Error: ")
-            row.label = (
+            rows["rtt"].label = (
                 f"long RTT (userspace delay line {delay_ms} ms each way, netem unavailable), "
                 f"1 stream, {_size(plan.rtt_bytes)}"
             )
             log(f"long RTT: netem unavailable ({why}); using {DELAYLINE.name} instead")
-    (tmp / "lab").mkdir(exist_ok=True)
-    try:
-        with nat_lab(tmp / "lab", delay_ms, userspace) as site:
-            sshd: SshServer | None = None
-            try:
-                sshd = start_sshd(site, tmp / "lab" / "sshd", plan, [row])
-                tools = make_tools(site, sshd, assets, plan.tools)
-                for r, tool in rounds(tools, plan.runs):
-                    log(f"long RTT round {r + 1}/{plan.runs}: {tool.label}")
-                    measure_rtt_round(tool, plan, row)
-            finally:
-                if sshd is not None:
-                    sshd.stop()
-    except BenchError as exc:  # the lab itself failed (the rounds catch their own failures)
-        row.note = f"n/a ({exc})"
-        log(f"long RTT: {row.note}")
+    for row, buffers in ((rows["rtt"], None), (rows["rtt_big"], BIG_TCP_BUFFERS)):
+        lab = tmp / f"lab-{row.key}"
+        lab.mkdir(exist_ok=True)
+        try:
+            with nat_lab(lab, delay_ms, userspace, buffers) as site:
+                sshd: SshServer | None = None
+                try:
+                    sshd = start_sshd(site, lab / "sshd", plan, [row])
+                    tools = make_tools(site, sshd, assets, plan.tools)
+                    for r, tool in rounds(tools, plan.runs):
+                        log(f"{row.key} round {r + 1}/{plan.runs}: {tool.label}")
+                        measure_rtt_round(tool, plan, row)
+                finally:
+                    if sshd is not None:
+                        sshd.stop()
+        except BenchError as exc:  # the lab itself failed (the rounds catch their own failures)
+            row.note = f"n/a ({exc})"
+            log(f"{row.key}: {row.note}")
 
 
 if __name__ == "__main__":
