@@ -99,7 +99,6 @@ def main() -> None:
             for streams in (1, 100):
                 rates = []
                 for _ in range(args.runs):
-
                     rates.append(asyncio.run(one(name, streams, total, Path(tmp))))
                 print(f"{name:<14}{streams:>8}{statistics.median(rates) / 1e6:>10.0f}")
 

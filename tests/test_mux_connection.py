@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tete_tunnel.mux import events as ev
-from tete_tunnel.mux.connection import INITIAL_WINDOW, Config, Connection
+from tete_tunnel.mux.connection import INITIAL_WINDOW, UPDATE_STEP, Config, Connection
 from tete_tunnel.mux.errors import GoAwayCode, LocalProtocolError
 from tete_tunnel.mux.frames import (
     MAX_PAYLOAD,
@@ -717,6 +717,22 @@ def test_slow_consumption_does_not_grow_the_window() -> None:
     assert windows[1] == [INITIAL_WINDOW] * 5
 
 
+def test_a_large_window_is_granted_back_in_steps() -> None:
+    """Half of a 16 MiB window is too long a wait on a long link: credit goes back per MiB."""
+    conn = Connection(client=False, config=Config(max_window=4 * MiB))
+    ping_pong(conn, 0.0, 0.05)
+    opened(conn, 1)
+    out(conn)
+    windows = GreedyPeer(conn, [1]).rounds([1], rounds=5, gap=0.01, now=1.0)
+    assert windows[1][-1] == 4 * MiB
+    for _ in range(2):
+        conn.receive_data(data(1, bytes(MAX_PAYLOAD)), 2.0)
+    conn.consumed(1, UPDATE_STEP - 1, 9.0)
+    assert out(conn) == []  # a quarter of the window, less a byte
+    conn.consumed(1, 1, 9.0)
+    assert summary(out(conn)) == [(WU, NONE, 1, UPDATE_STEP)]  # slow: no growth, none needed
+
+
 def test_no_rtt_no_growth() -> None:
     conn = server()
     opened(conn, 1)
@@ -790,9 +806,11 @@ def test_window_tuning_properties(
             assert (f.type, f.stream_id) == (WU, sid)
             grow = f.length - unacked[sid]
             assert grow >= 0
-            if grow:  # fast: within 4 rtt of the previous update
-                assert sid in last_update and now - last_update[sid] < 4 * rtt
+            if grow:  # fast: at a rate that would use the window up within 4 rtt
+                assert sid in last_update
+                assert (now - last_update[sid]) * window[sid] < 4 * rtt * unacked[sid]
                 assert grow <= window[sid]  # at most doubles
+                assert grow <= 2 * unacked[sid]  # at most twice the credit granted back
             last_update[sid] = now
             unacked[sid] = 0
             credit[sid] += f.length

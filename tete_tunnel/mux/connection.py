@@ -31,6 +31,9 @@ from tete_tunnel.mux.frames import (
 from tete_tunnel.mux.stream import StreamInput, StreamState, transition
 
 INITIAL_WINDOW = 256 * 1024  # yamux's initial stream window; both sides assume it
+# Credit goes back after half the window is consumed, or after this much for a large one:
+# waiting for half of a 16 MiB window would leave only about half of it in flight.
+UPDATE_STEP = 1024 * 1024
 
 # Flags as plain ints on the hot path: IntFlag arithmetic builds enum objects every time.
 _SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.RST)
@@ -200,20 +203,23 @@ class Connection:
 
     def consumed(self, stream_id: int, n: int, now: float) -> None:
         """The application took `n` bytes of a stream: grant them back, growing the window
-        when it was used up within a few round trips (the link is long or fast)."""
+        when it is being consumed fast enough to use it all within 4 round trips (the link
+        is long or fast), by at most twice what is granted back."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return  # the peer sends no more: no credit needed
         stream.unacked += n
-        if stream.unacked < stream.window // 2:
+        if stream.unacked < min(stream.window // 2, UPDATE_STEP):
             return
         delta = stream.unacked
         if (
             self.rtt is not None
             and stream.last_update is not None
-            and now - stream.last_update < 4 * self.rtt
+            # delta bytes since the last update: a rate above window / (4 rtt)
+            and (now - stream.last_update) * stream.window < 4 * self.rtt * delta
         ):
             grow = min(
+                2 * delta,
                 stream.window,
                 self.config.max_window - stream.window,
                 self.config.window_budget - self._budget_used,
