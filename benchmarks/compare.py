@@ -68,6 +68,9 @@ LAB_FAR_NET = "10.213.8"  # the server side's, when the delay line routes betwee
 # tunnel. The second long-RTT row raises the limits in both lab namespaces (as one would for
 # a long fat link) so the tunnels' own windows show.
 BIG_TCP_BUFFERS = 64 << 20
+# Short connections over the long path: each costs ssh a channel-open round trip before
+# its data; a tete-tunnel stream carries its data with the open.
+RTT_CONNS = 20
 
 HIGHER, LOWER = "higher", "lower"
 
@@ -1003,6 +1006,13 @@ def make_rows(plan: Plan) -> dict[str, Row]:
             0,
         ),
         Row(
+            "rtt_conns",
+            f"  same path, short conns, sequential ({RTT_CONNS})",
+            "conn/s",
+            HIGHER,
+            1,
+        ),
+        Row(
             "rtt_big",
             f"  same, kernel TCP buffer limits raised to {_size(BIG_TCP_BUFFERS)}",
             "MB/s",
@@ -1133,7 +1143,8 @@ def measure_round(tool: Tunnel, plan: Plan, rows: dict[str, Row]) -> None:
         tool.stop()
 
 
-def measure_rtt_round(tool: Tunnel, plan: Plan, row: Row) -> None:
+def measure_rtt_round(tool: Tunnel, plan: Plan, row: Row, conns: Row | None = None) -> None:
+    """One stream's throughput over the long path; with `conns`, short connections too."""
     try:
         tool.start()
         args = ["stream", str(tool.port), str(plan.rtt_bytes), "1"]
@@ -1143,6 +1154,16 @@ def measure_rtt_round(tool: Tunnel, plan: Plan, row: Row) -> None:
     except BenchError as exc:
         row.failures.setdefault(tool.key, []).append(str(exc))
         log(f"    long RTT: FAILED: {exc}")
+    else:
+        if conns is not None:
+            try:
+                args = ["echo", str(tool.port), str(RTT_CONNS), "1"]
+                result = tool.site.client(args, 60 + RTT_CONNS * 2)
+                conns.values.setdefault(tool.key, []).append(RTT_CONNS / result["seconds"])
+                log(f"    long RTT short conns: {conns.values[tool.key][-1]:.1f} conn/s")
+            except BenchError as exc:
+                conns.failures.setdefault(tool.key, []).append(str(exc))
+                log(f"    long RTT short conns: FAILED: {exc}")
     finally:
         tool.stop()
 
@@ -1566,7 +1587,8 @@ def rtt_phase(
                 f"1 stream, {_size(plan.rtt_bytes)}"
             )
             log(f"long RTT: netem unavailable ({why}); using {DELAYLINE.name} instead")
-    for row, buffers in ((rows["rtt"], None), (rows["rtt_big"], BIG_TCP_BUFFERS)):
+    labs = ((rows["rtt"], rows["rtt_conns"], None), (rows["rtt_big"], None, BIG_TCP_BUFFERS))
+    for row, conns, buffers in labs:
         lab = tmp / f"lab-{row.key}"
         lab.mkdir(exist_ok=True)
         try:
@@ -1577,7 +1599,7 @@ def rtt_phase(
                     tools = make_tools(site, sshd, assets, plan.tools)
                     for r, tool in rounds(tools, plan.runs):
                         log(f"{row.key} round {r + 1}/{plan.runs}: {tool.label}")
-                        measure_rtt_round(tool, plan, row)
+                        measure_rtt_round(tool, plan, row, conns)
                 finally:
                     if sshd is not None:
                         sshd.stop()
