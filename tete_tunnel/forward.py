@@ -233,7 +233,11 @@ class Forwarder:
             idle.clear()
             return conn
 
-        server = await loop.create_server(accepted, sock=sock, backlog=LISTEN_BACKLOG)
+        try:
+            server = await loop.create_server(accepted, sock=sock, backlog=LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
         try:
             if until is None:
                 await asyncio.Future()  # until cancelled

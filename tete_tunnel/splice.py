@@ -200,6 +200,8 @@ class Splice(asyncio.Protocol):
         self.abort()
 
     def abort(self) -> None:
+        """Reset both sides; the owner has given up on this connection: no on_end after."""
+        self.ended = True
         if self.stream is not None:
             self.stream.reset()
         if self.transport is not None and not self.transport.is_closing():
