@@ -26,8 +26,8 @@ from tete_tunnel.mux.errors import GoAwayCode, LocalProtocolError
 
 log = logging.getLogger("tete_tunnel")
 
-READ_BUFFER = 256 * 1024  # one TLS read lands here, and is parsed in place
-WRITE_BATCH = 256 * 1024  # bytes per transport write: large enough to fill TLS records
+READ_BUFFER = 1024 * 1024  # one TLS read lands here, and is parsed in place
+WRITE_BATCH = 512 * 1024  # bytes per transport write: large frames, full TLS records
 TRANSPORT_HIGH_WATER = 512 * 1024  # the link transport's buffer before we stop writing
 STREAM_HIGH_WATER = 256 * 1024  # a stream writer's drain() waits while more is queued
 LINGER = 2.0  # after our go-away, how long we wait for the peer to close first

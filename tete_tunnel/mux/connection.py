@@ -54,7 +54,7 @@ class Config:
     max_control_backlog: int = 1024
     keepalive_interval: float | None = None  # seconds between pings; None: no keepalive
     keepalive_timeout: float = 30.0  # no pong for this long: the peer is dead
-    turn_bytes: int = 64 * 1024  # one stream's share per round-robin turn
+    turn_bytes: int = 1024 * 1024  # one stream's share per round-robin turn (at most)
 
     def __post_init__(self) -> None:
         # The peer assumes yamux's fixed initial window; any other value here makes an honest

@@ -20,7 +20,7 @@ HEADER_SIZE = HEADER.size  # 12
 # Yamux sets no limit; we refuse data frames over 1 MiB so a peer cannot make us buffer a
 # frame larger than this before we can act on it. We send at most MAX_SEND_PAYLOAD.
 MAX_PAYLOAD = 1 << 20
-MAX_SEND_PAYLOAD = 256 * 1024
+MAX_SEND_PAYLOAD = MAX_PAYLOAD  # larger frames cost less per byte on both sides
 MAX_U32 = 0xFFFFFFFF
 
 
