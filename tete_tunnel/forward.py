@@ -182,7 +182,7 @@ class Forwarder:
                 tg.create_task(self._request_remote(session, spec))
             while True:
                 stream = await session.accept()
-                tg.create_task(self._incoming(session, stream, tg))
+                tg.create_task(self._incoming(session, stream))
 
     # -- -L: our listeners --------------------------------------------------------------
 
@@ -241,9 +241,10 @@ class Forwarder:
         try:
             if until is None:
                 await asyncio.Future()  # until cancelled
-            await until.wait()
-            server.close()
-            await idle.wait()
+            else:
+                await until.wait()
+                server.close()
+                await idle.wait()
         finally:
             server.close()
             for conn in list(conns):
@@ -275,7 +276,7 @@ class Forwarder:
 
     # -- the peer's requests --------------------------------------------------------------
 
-    async def _incoming(self, session: Session, stream: Stream, tg: asyncio.TaskGroup) -> None:
+    async def _incoming(self, session: Session, stream: Stream) -> None:
         try:
             async with asyncio.timeout(PREAMBLE_TIMEOUT):
                 request = await preamble.read_message(stream)
@@ -332,7 +333,7 @@ class Forwarder:
         accept = preamble.encode(preamble.Accept())
         try:
             await connect_and_splice(
-                stream, host, addresses, answer=accept, per_address=CONNECT_TIMEOUT
+                stream, host, port, addresses, answer=accept, per_address=CONNECT_TIMEOUT
             )
         except ConnectFailed as exc:
             log.warning("%s: %s", label, exc)

@@ -190,7 +190,7 @@ class Splice(asyncio.Protocol):
 
     def _check_done(self) -> None:
         if self.up_done and self.down_done and self.transport is not None:
-            self.transport.close()  # connection_lost completes `done`
+            self.transport.close()  # connection_lost reports the end
 
     def fail(self, error: BaseException) -> None:
         """Whichever side broke, the other learns at once: a reset each way."""
@@ -216,7 +216,13 @@ class ConnectFailed(TeteError):
 
 
 async def connect_and_splice(
-    stream: Stream, host: str, addresses: list[tuple], *, answer: bytes, per_address: float
+    stream: Stream,
+    host: str,
+    port: int,
+    addresses: list[tuple],
+    *,
+    answer: bytes,
+    per_address: float,
 ) -> None:
     """Connect to the first address that answers, then `answer` the stream and splice.
 
@@ -251,7 +257,7 @@ async def connect_and_splice(
     else:
         # asyncio words failures as "Connect call failed (...)": say what errno means.
         reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
-        raise ConnectFailed(f"cannot connect to {endpoint(host, addresses[0][1][1])}: {reason}")
+        raise ConnectFailed(f"cannot connect to {endpoint(host, port)}: {reason}")
     try:
         await done
     except asyncio.CancelledError:

@@ -109,7 +109,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._vpos < len(self._view):  # fed again before taking every frame: keep them
-            data = bytes(self._view[self._vpos :]) + bytes(data)
+            data = b"".join((self._view[self._vpos :], data))
         self._view = memoryview(data).cast("B")
         self._vpos = 0
 
