@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SERVERS, TOOL, Proc, Procs, env_without_config, free_ports, wait_for_text
+from tests.helpers import (
+    SERVERS,
+    TOOL,
+    Proc,
+    Procs,
+    env_without_config,
+    free_ports,
+    pair_args,
+    wait_for_text,
+)
 
 
 def start_server(procs: Procs, kind: str, *extra: str) -> int:
@@ -26,37 +35,9 @@ def start_server(procs: Procs, kind: str, *extra: str) -> int:
 
 
 def start_pair(procs: Procs, tmp: Path, args_a: list[str], args_b: list[str]) -> tuple[Proc, Proc]:
-    pa, pb = free_ports(2)
-    a = procs.start(
-        [
-            "forward",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "--identity",
-            str(tmp / "a"),
-            *args_a,
-        ],
-        name="fwd-a",
-    )
-    b = procs.start(
-        [
-            "forward",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pa),
-            "--identity",
-            str(tmp / "b"),
-            *args_b,
-        ],
-        name="fwd-b",
-    )
+    link_a, link_b = pair_args(*free_ports(2))
+    a = procs.start(["forward", *link_a, "--identity", str(tmp / "a"), *args_a], name="fwd-a")
+    b = procs.start(["forward", *link_b, "--identity", str(tmp / "b"), *args_b], name="fwd-b")
     wait_for_text(a.err_path, "Connected to peer!", 20)
     wait_for_text(b.err_path, "Connected to peer!", 20)
     return a, b
@@ -163,34 +144,10 @@ def test_closed_target_closes_the_client_promptly_and_says_why(
 
 
 def test_non_loopback_listen_refused_by_default_with_reason(procs: Procs, tmp_path: Path) -> None:
-    pa, pb = free_ports(2)
-    a = procs.start(
-        [
-            "forward",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "--identity",
-            str(tmp_path / "a"),
-        ]
-    )
+    args_a, args_b = pair_args(*free_ports(2))
+    a = procs.start(["forward", *args_a, "--identity", str(tmp_path / "a")])
     b = procs.start(
-        [
-            "forward",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pa),
-            "--identity",
-            str(tmp_path / "b"),
-            "-R",
-            "0.0.0.0:0:127.0.0.1:9",
-        ]
+        ["forward", *args_b, "--identity", str(tmp_path / "b"), "-R", "0.0.0.0:0:127.0.0.1:9"]
     )
     assert b.wait(30) == 1
     assert "the peer refused -R 0.0.0.0:0:127.0.0.1:9" in b.err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, Procs, free_ports
+from tests.helpers import Proc, Procs, free_ports, pair_args
 from tete_tunnel.identity import load_or_create
 
 
@@ -20,15 +20,12 @@ def middle(
     procs: Procs, tmp: Path, victim_args: tuple[list[str], list[str]], mitm_args: list[str]
 ) -> tuple[Proc, Proc, Proc, Proc]:
     pa, pb, pm1, pm2 = free_ports(4)
+    a_side, m1_side = pair_args(pa, pm1)
+    b_side, m2_side = pair_args(pb, pm2)
     a = procs.start(
         [
             "pipe",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pm1),
+            *a_side,
             "--identity",
             str(tmp / "a"),
             "--timeout",
@@ -41,12 +38,7 @@ def middle(
     b = procs.start(
         [
             "pipe",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pm2),
+            *b_side,
             "--identity",
             str(tmp / "b"),
             "--timeout",
@@ -62,12 +54,7 @@ def middle(
         m1 = procs.start(
             [
                 "pipe",
-                "--peer-ip",
-                "127.0.0.1",
-                "--lport",
-                str(pm1),
-                "--rport",
-                str(pa),
+                *m1_side,
                 "--identity",
                 str(tmp / "m1"),
                 "--timeout",
@@ -81,12 +68,7 @@ def middle(
         m2 = procs.start(
             [
                 "pipe",
-                "--peer-ip",
-                "127.0.0.1",
-                "--lport",
-                str(pm2),
-                "--rport",
-                str(pb),
+                *m2_side,
                 "--identity",
                 str(tmp / "m2"),
                 "--timeout",
@@ -124,35 +106,9 @@ def test_unverified_mode_shows_differing_safety_codes(procs: Procs, tmp_path: Pa
 
 
 def test_unverified_mode_without_middleman_shows_equal_codes(procs: Procs, tmp_path: Path) -> None:
-    pa, pb = free_ports(2)
-    a = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "--identity",
-            str(tmp_path / "a"),
-        ],
-        stdin=b"x",
-    )
-    b = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pa),
-            "--identity",
-            str(tmp_path / "b"),
-        ],
-        stdin=b"y",
-    )
+    args_a, args_b = pair_args(*free_ports(2))
+    a = procs.start(["pipe", *args_a, "--identity", str(tmp_path / "a")], stdin=b"x")
+    b = procs.start(["pipe", *args_b, "--identity", str(tmp_path / "b")], stdin=b"y")
     assert a.wait(30) == 0 and b.wait(30) == 0
     assert "safety code" in a.err and "WARNING" in a.err
     assert safety_code(a.err) == safety_code(b.err)
@@ -189,67 +145,24 @@ def test_codes_refuse_the_middleman(procs: Procs, tmp_path: Path) -> None:
 def test_pinned_and_coded_pipes_connect_and_code_mode_prints_peer_id(
     procs: Procs, tmp_path: Path, ids: tuple[str, str]
 ) -> None:
-    pa, pb = free_ports(2)
-    base = ["pipe", "--peer-ip", "127.0.0.1"]
+    args_a, args_b = pair_args(*free_ports(2))
     a = procs.start(
-        [
-            *base,
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "--identity",
-            str(tmp_path / "a"),
-            "--code",
-            "9-owl",
-        ],
-        stdin=b"1",
+        ["pipe", *args_a, "--identity", str(tmp_path / "a"), "--code", "9-owl"], stdin=b"1"
     )
     b = procs.start(
-        [
-            *base,
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pa),
-            "--identity",
-            str(tmp_path / "b"),
-            "--code",
-            "9-owl",
-        ],
-        stdin=b"2",
+        ["pipe", *args_b, "--identity", str(tmp_path / "b"), "--code", "9-owl"], stdin=b"2"
     )
     assert a.wait(30) == 0 and b.wait(30) == 0, a.err + b.err
     assert f"peer ID: {ids[1]}" in a.err and f"peer ID: {ids[0]}" in b.err
     assert (a.out, b.out) == (b"2", b"1")
     # Next time, pin what was printed.
-    pa, pb = free_ports(2)
+    args_a, args_b = pair_args(*free_ports(2))
     a = procs.start(
-        [
-            *base,
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "--identity",
-            str(tmp_path / "a"),
-            "--peer-id",
-            ids[1].lower(),
-        ],
+        ["pipe", *args_a, "--identity", str(tmp_path / "a"), "--peer-id", ids[1].lower()],
         stdin=b"3",
     )
     b = procs.start(
-        [
-            *base,
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pa),
-            "--identity",
-            str(tmp_path / "b"),
-            "--peer-id",
-            ids[0].replace("-", ""),
-        ],
+        ["pipe", *args_b, "--identity", str(tmp_path / "b"), "--peer-id", ids[0].replace("-", "")],
         stdin=b"4",
     )
     assert a.wait(30) == 0 and b.wait(30) == 0, a.err + b.err

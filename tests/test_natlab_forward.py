@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SERVERS, Proc, Procs, wait_for_text
+from tests.helpers import SERVERS, Proc, Procs, pair_args, wait_for_text
 from tests.natlab import NatLab, natlab_available
 
 reason = natlab_available()
@@ -31,35 +31,14 @@ def server(lab: NatLab, procs: Procs, host: str, *args: str) -> int:
 def pair(
     lab: NatLab, procs: Procs, tmp: Path, a_args: list[str], b_args: list[str]
 ) -> tuple[Proc, Proc]:
+    link_a, link_b = pair_args(PORT_A, PORT_B, lab.alice_public, lab.bob_public)
     a = procs.start(
-        [
-            "forward",
-            "--peer-ip",
-            lab.bob_public,
-            "--lport",
-            str(PORT_A),
-            "--rport",
-            str(PORT_B),
-            "--identity",
-            str(tmp / "a"),
-            *a_args,
-        ],
+        ["forward", *link_a, "--identity", str(tmp / "a"), *a_args],
         prefix=in_ns(lab, "alice"),
         name="alice",
     )
     b = procs.start(
-        [
-            "forward",
-            "--peer-ip",
-            lab.alice_public,
-            "--lport",
-            str(PORT_B),
-            "--rport",
-            str(PORT_A),
-            "--identity",
-            str(tmp / "b"),
-            *b_args,
-        ],
+        ["forward", *link_b, "--identity", str(tmp / "b"), *b_args],
         prefix=in_ns(lab, "bob"),
         name="bob",
     )

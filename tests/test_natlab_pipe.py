@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Procs
+from tests.helpers import Procs, pair_args
 from tests.natlab import NatLab, natlab_available
 
 reason = natlab_available()
@@ -28,39 +28,16 @@ def start_pair(
     bob_delay: float = 0.0,
 ) -> tuple:
     extra = extra or []
+    link_a, link_b = pair_args(PORT_A, PORT_B, lab.alice_public, lab.bob_public)
     a = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            lab.bob_public,
-            "--lport",
-            str(PORT_A),
-            "--rport",
-            str(PORT_B),
-            "--identity",
-            str(tmp / "a"),
-            "-v",
-            *extra,
-        ],
+        ["pipe", *link_a, "--identity", str(tmp / "a"), "-v", *extra],
         stdin=data_a,
         prefix=lab.exec_argv("alice", []),
         name="alice",
     )
     time.sleep(bob_delay)
     b = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            lab.alice_public,
-            "--lport",
-            str(PORT_B),
-            "--rport",
-            str(PORT_A),
-            "--identity",
-            str(tmp / "b"),
-            "-v",
-            *extra,
-        ],
+        ["pipe", *link_b, "--identity", str(tmp / "b"), "-v", *extra],
         stdin=data_b,
         prefix=lab.exec_argv("bob", []),
         name="bob",

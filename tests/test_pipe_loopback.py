@@ -160,35 +160,10 @@ def test_ipv6_loopback(procs: Procs, tmp_path: Path) -> None:
         pytest.skip(f"no IPv6 loopback here: {exc}")
     data_a, data_b = os.urandom(1 << 20), os.urandom(1 << 20)
     pa, pb = free_ports(2)
-    a = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            "::1",
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "-v",
-            "--identity",
-            str(tmp_path / "a"),
-        ],
-        stdin=data_a,
-    )
-    b = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            "[::1]",
-            "--lport",
-            str(pb),
-            "--rport",
-            str(pa),
-            "--identity",
-            str(tmp_path / "b"),
-        ],
-        stdin=data_b,
-    )
+    # Both spellings of an IPv6 --peer-ip: bare and in brackets.
+    args_a, args_b = pair_args(pa, pb, ip_a="[::1]", ip_b="::1")
+    a = procs.start(["pipe", *args_a, "-v", "--identity", str(tmp_path / "a")], stdin=data_a)
+    b = procs.start(["pipe", *args_b, "--identity", str(tmp_path / "b")], stdin=data_b)
     assert a.wait(30) == 0, a.err
     assert b.wait(30) == 0, b.err
     assert (a.out, b.out) == (data_b, data_a)

@@ -139,25 +139,17 @@ def run_demo() -> None:
     _say("demo OK: both peers authenticated each other, the page and the pipe data arrived intact")
 
 
+def _link(lport: int, rport: int) -> list[str]:
+    """A peer's connection options: both peers run here, on loopback."""
+    return ["--peer-ip", "127.0.0.1", "--lport", str(lport), "--rport", str(rport)]
+
+
 def _demo_forward(peers: _Peers, http_port: int, body: bytes) -> None:
     pa, pb, local = _free_ports(3)
     started = time.monotonic()
-    server = peers.start(
-        "bob", ["forward", "--peer-ip", "127.0.0.1", "--lport", str(pb), "--rport", str(pa)]
-    )
+    server = peers.start("bob", ["forward", *_link(pb, pa)])
     client = peers.start(
-        "alice",
-        [
-            "forward",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(pa),
-            "--rport",
-            str(pb),
-            "-L",
-            f"{local}:127.0.0.1:{http_port}",
-        ],
+        "alice", ["forward", *_link(pa, pb), "-L", f"{local}:127.0.0.1:{http_port}"]
     )
     peers.wait_for("alice", "out", "Forwarding", client)
     peers.wait_for("bob", "err", "Connected to peer!", server)
@@ -186,14 +178,8 @@ def _demo_pipe(peers: _Peers, tmp: Path) -> None:
     pa, pb = _free_ports(2)
     data = os.urandom(PIPE_SIZE)
     (tmp / "data").write_bytes(data)
-    sender = peers.start(
-        "alice",
-        ["pipe", "--peer-ip", "127.0.0.1", "--lport", str(pa), "--rport", str(pb)],
-        stdin=tmp / "data",
-    )
-    receiver = peers.start(
-        "bob", ["pipe", "--peer-ip", "127.0.0.1", "--lport", str(pb), "--rport", str(pa)]
-    )
+    sender = peers.start("alice", ["pipe", *_link(pa, pb)], stdin=tmp / "data")
+    receiver = peers.start("bob", ["pipe", *_link(pb, pa)])
     peers.wait_for("bob", "err", "Connected to peer!", receiver)
     started = time.monotonic()  # the transfer, not the start-up of two Pythons
     for name, proc in (("alice", sender), ("bob", receiver)):
