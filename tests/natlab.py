@@ -17,29 +17,74 @@ Usage::
     with NatLab("drop") as lab:
         p = lab.popen("alice", [sys.executable, "-c", "..."], stdout=subprocess.PIPE)
         lab.run("natA", ["iptables", "-L", "-n"])
+
+An impaired WAN (``loss 5% delay 40ms`` each way, optionally jitter and reordering)::
+
+    with NatLab("drop", impair="loss 5% delay 40ms seed 1") as lab:
+        ...                                  # alice <-> bob: ~80 ms RTT, 5% loss each way
+        lab.impair("delay 40ms 10ms")        # change it mid-session (or None: unimpaired)
+
+This kernel has no sch_netem, so the impairment is benchmarks/delayline.py, a userspace line
+on a TUN device (standard library only; see its docstring), which also draws the loss (seeded,
+per wire packet; why not iptables ``statistic`` is told there).  Where the line runs matters:
+conntrack binds a connection's NAT at its first POSTROUTING, so a packet sent off through a
+TUN device inside a NAT namespace and brought back in would pass the NAT's hooks twice.  So
+an impaired lab replaces the wan bridge with a *routed* wan namespace and runs the line there,
+as the line was designed (``--iif`` on every WAN leg), and the NAT namespaces are left exactly
+as in an unimpaired lab (MASQUERADE, conntrack and TCP simultaneous open work unchanged):
+
+    natA wan0 10.99.0.1/24 --- [natA] wan [natB] --- 10.99.0.2/24 wan0 natB
+                                   lo: 10.99.0.254/32, TUN dly0
+
+The public addresses stay those of the bridged lab: the wan namespace holds host routes
+(``10.99.0.1 dev natA``, ...) and answers ARP for the far side by proxy ARP (with
+``proxy_delay`` 0), so each NAT still sees one /24 on its wan0 and needs no route change.
+A policy rule per leg (``iif natA lookup 100``, table 100 ``default dev dly0``) sends every
+packet arriving from a NAT through the line once, so each direction alice->bob and bob->alice
+gets the delay and loss once, as ``netem`` on both NATs' wan0 would give.  The local rule is
+moved after those rules, so packets *to* the wan namespace's own address (a relay or
+rendezvous server at ``wan_ip``) are impaired once on the way in and not on the way out --
+again what netem on the NATs' wan0 would do.  The line is started only once the lab has
+verified its plumbing, and close() ends it with everything else; its summaries (packets
+forwarded, lost, reordered) are kept in ``impair_log``.  The other workable place, a line in
+alice's and bob's own namespaces for their locally generated traffic (``iif lo`` -> TUN), was
+not built: it needs forwarding, ``accept_local`` and ``rp_filter`` changes in the end hosts and
+two lines instead of one; the routed wan keeps end hosts and NATs untouched.  Labs built
+without ``impair`` keep the bridge (``routed_wan`` is False): exactly what they always were.
+
+``lab.cut_wan("natA")`` / ``lab.restore_wan("natA")`` cut one router's WAN link mid-session
+and restore it (DROP rules in filter FORWARD, INPUT and OUTPUT for its wan0; conntrack keeps
+seeing, and keeping, the flows), for dead-peer tests; they work with or without impairment.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import itertools
 import os
+import re
+import selectors
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, Literal
 
 __all__ = [
     "KINDS",
     "CommandError",
+    "Impairment",
     "NatLab",
     "NatLabError",
+    "impair_available",
     "natlab_available",
     "netem_available",
 ]
@@ -50,6 +95,16 @@ KINDS: tuple[str, ...] = ("drop", "rst", "symmetric", "no-nat", "same-lan")
 WAN_NET = "10.99.0"
 #: Address of the wan namespace itself: a "public server" for relays/rendezvous.
 WAN_SERVER_IP = f"{WAN_NET}.254"
+
+#: The userspace delay/loss line an impaired lab runs in its wan namespace.
+DELAYLINE = Path(__file__).resolve().parent.parent / "benchmarks" / "delayline.py"
+#: Policy rule priorities in a routed wan: the delay line's rules, then the local rule.
+_LINE_RULE_PREF = 1000
+_LOCAL_RULE_PREF = 32000
+#: The tag on cut_wan()'s DROP rules, so restore_wan() deletes those and only those.
+_CUT_TAG = "natlab-cut-wan"
+#: cut_wan()'s rules: (chain, interface match) for the router's wan0.
+_CUT_RULES = (("FORWARD", "-i"), ("FORWARD", "-o"), ("INPUT", "-i"), ("OUTPUT", "-o"))
 
 _counter = itertools.count()
 _live: set[NatLab] = set()
@@ -151,18 +206,154 @@ def netem_available() -> str | None:
     return None
 
 
+@functools.cache
+def impair_available() -> str | None:
+    """Return None if NatLab(..., impair=...) works here, else a reason to skip."""
+    reason = natlab_available()
+    if reason:
+        return reason
+    if not DELAYLINE.is_file():
+        return f"{DELAYLINE} not found"
+    try:  # opening creates no device (that needs TUNSETIFF), so the host is left alone
+        os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        return f"/dev/net/tun not usable: {e}"
+    return None
+
+
+_TIME = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(us|ms|s)$")
+_PERCENT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)%?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Impairment:
+    """How the WAN treats each packet, each way: netem's ``delay``/``loss``/``reorder``.
+
+    ``Impairment.parse("loss 5% delay 40ms")``; all zero (``parse("none")``) is no impairment.
+    """
+
+    delay_ms: float = 0.0
+    loss_percent: float = 0.0
+    jitter_ms: float = 0.0
+    reorder_percent: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.delay_ms < 0 or self.jitter_ms < 0:
+            raise ValueError(f"negative delay or jitter in {self}")
+        for p in (self.loss_percent, self.reorder_percent):
+            if not 0 <= p <= 100:
+                raise ValueError(f"percentage {p} out of 0..100 in {self}")
+
+    @property
+    def active(self) -> bool:
+        """Whether packets need the line at all (else plain routing)."""
+        return bool(self.delay_ms or self.loss_percent or self.jitter_ms or self.reorder_percent)
+
+    @classmethod
+    def parse(cls, spec: str) -> Impairment:
+        """Parse netem-like words: ``delay 40ms [10ms]``, ``jitter 10ms``, ``loss [random] 5%``,
+        ``reorder 25%``, ``seed 7``; ``none`` or "" for nothing.  Times need a unit (us/ms/s).
+        """
+        fields: dict[str, Any] = {}
+        words = spec.split()
+
+        def take(what: str, pattern: re.Pattern[str]) -> re.Match[str]:
+            if not words or not (m := pattern.match(words[0])):
+                got = repr(words[0]) if words else "nothing"
+                raise ValueError(f"impairment {spec!r}: expected {what}, got {got}")
+            words.pop(0)
+            return m
+
+        def ms(m: re.Match[str]) -> float:
+            return float(m[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m[2]]
+
+        while words:
+            word = words.pop(0).lower()
+            if word == "none":
+                continue
+            if word == "delay":
+                fields["delay_ms"] = ms(take("a time such as 40ms", _TIME))
+                if words and _TIME.match(words[0]):
+                    fields["jitter_ms"] = ms(take("a jitter", _TIME))
+            elif word == "jitter":
+                fields["jitter_ms"] = ms(take("a time such as 10ms", _TIME))
+            elif word == "loss":
+                if words and words[0].lower() == "random":
+                    words.pop(0)
+                fields["loss_percent"] = float(take("a percentage", _PERCENT)[1])
+            elif word == "reorder":
+                fields["reorder_percent"] = float(take("a percentage", _PERCENT)[1])
+            elif word == "seed":
+                fields["seed"] = int(take("an integer", re.compile(r"^\d+$"))[0])
+            else:
+                raise ValueError(
+                    f"impairment {spec!r}: unknown word {word!r} "
+                    "(known: delay, jitter, loss, reorder, seed, none)"
+                )
+        return cls(**fields)
+
+    @classmethod
+    def coerce(cls, spec: str | Impairment | None) -> Impairment:
+        if spec is None:
+            return cls()
+        return spec if isinstance(spec, Impairment) else cls.parse(spec)
+
+    def delayline_args(self) -> list[str]:
+        """The options of benchmarks/delayline.py that give this impairment."""
+        args = ["--delay-ms", f"{self.delay_ms:g}"]
+        if self.jitter_ms:
+            args += ["--jitter-ms", f"{self.jitter_ms:g}"]
+        if self.loss_percent:
+            args += ["--loss-percent", f"{self.loss_percent:g}"]
+        if self.reorder_percent:
+            args += ["--reorder-percent", f"{self.reorder_percent:g}"]
+        if self.seed is not None:
+            args += ["--seed", str(self.seed)]
+        return args
+
+    def __str__(self) -> str:
+        words = []
+        if self.delay_ms or self.jitter_ms:
+            words.append(
+                f"delay {self.delay_ms:g}ms" + (f" {self.jitter_ms:g}ms" * bool(self.jitter_ms))
+            )
+        if self.loss_percent:
+            words.append(f"loss {self.loss_percent:g}%")
+        if self.reorder_percent:
+            words.append(f"reorder {self.reorder_percent:g}%")
+        if self.seed is not None:
+            words.append(f"seed {self.seed}")
+        return " ".join(words) or "none"
+
+
 class NatLab:
     """A disposable NAT topology; a context manager that always tears itself down.
 
     Attributes: ``alice_ip``/``bob_ip`` (own addresses), ``alice_public``/``bob_public``
     (what the other side must dial), ``wan_ip`` (the wan namespace's own address, a place
     for a relay or rendezvous server; None for "same-lan"), ``prefix`` (unique namespace
-    prefix), ``hosts`` (host names that exist in this kind).
+    prefix), ``hosts`` (host names that exist in this kind), ``routed_wan`` (True when the
+    wan namespace routes instead of bridging: whenever ``impair`` was given), ``impairment``
+    (the current one; all zero for none), ``impair_log`` (the delay line's summaries, one per
+    line ended).
+
+    ``impair``: a netem-like spec such as ``"loss 5% delay 40ms"`` (see Impairment.parse) or
+    an Impairment; ``"none"`` gives a routed but unimpaired WAN that impair() can degrade
+    later.  Not for "same-lan", which has no WAN.
     """
 
-    def __init__(self, kind: Kind | str) -> None:
+    def __init__(self, kind: Kind | str, impair: str | Impairment | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown NatLab kind {kind!r}; expected one of {KINDS}")
+        if impair is not None and kind == "same-lan":
+            raise ValueError("a 'same-lan' NatLab has no WAN to impair")
+        self.routed_wan: bool = impair is not None
+        self.impairment: Impairment = Impairment.coerce(impair)
+        self.impair_log: list[str] = []
+        self._line: subprocess.Popen[bytes] | None = None
+        self._line_log: IO[bytes] | None = None
+        self._cut: set[str] = set()
         self.kind: str = kind
         self.prefix: str = f"tt{os.getpid()}-{next(_counter)}"
         self.alice_ip = "192.168.1.2"
@@ -248,7 +439,7 @@ class NatLab:
         return cp
 
     def wan_if(self, host: str) -> str:
-        """Interface of a NAT (or of bob in "no-nat") that faces the WAN bridge."""
+        """Interface of a NAT (or of bob in "no-nat") that faces the WAN (bridge or router)."""
         self.ns(host)
         if "wan0" not in self._ifaces[host]:
             raise ValueError(f"host {host!r} has no WAN interface in a {self.kind!r} NatLab")
@@ -262,17 +453,79 @@ class NatLab:
         tc = ["tc", "qdisc", "replace", "dev", ifname, "root", "netem", *shlex.split(spec)]
         self.run(host, tc)
 
+    def impair(self, spec: str | Impairment | None) -> None:
+        """Change the WAN's impairment mid-session: ``lab.impair("loss 5% delay 40ms")``.
+
+        ``None`` (or ``"none"``) removes it.  The lab must have been built with a routed WAN
+        (``NatLab(kind, impair=...)``, ``"none"`` will do).  The delay line is restarted, so
+        packets it held at that moment are lost, as on a link that changes under load.
+        """
+        self._require_open()
+        if not self.routed_wan:
+            raise NatLabError(
+                "this NatLab's WAN is a bridge; build it with NatLab(kind, impair=...) "
+                "(impair='none' for a routed WAN that starts unimpaired)"
+            )
+        new = Impairment.coerce(spec)
+        errors: list[str] = []
+        self._stop_line(errors)
+        if errors:
+            raise NatLabError("; ".join(errors))
+        self.impairment = new
+        if new.active:
+            self._start_line()
+
+    def cut_wan(self, host: str) -> None:
+        """Cut ``host``'s WAN link: DROP everything in or out of its wan0.
+
+        Inserted first in filter FORWARD (both directions), INPUT and OUTPUT, so forwarded and
+        the router's own traffic alike vanish silently, as when a cable is pulled; conntrack
+        still sees each packet (and keeps its NAT mappings), nothing is unloaded.  Idempotent.
+        """
+        self._require_open()
+        ifname = self.wan_if(host)
+        if host in self._cut:
+            return
+        self._cut.add(host)  # before the rules: a half-done cut is still undone by restore
+        for chain, match in _CUT_RULES:
+            self.run(host, ["iptables", "-I", chain, "1", *self._cut_rule(match, ifname)])
+
+    def restore_wan(self, host: str) -> None:
+        """Undo cut_wan(host): delete exactly its DROP rules.  Idempotent."""
+        self._require_open()
+        ifname = self.wan_if(host)
+        if host not in self._cut:
+            return
+        failed = []
+        for chain, match in _CUT_RULES:
+            cp = self.run(
+                host, ["iptables", "-D", chain, *self._cut_rule(match, ifname)], check=False
+            )
+            if cp.returncode != 0:
+                failed.append(f"{chain}: {cp.stderr.strip()}")
+        self._cut.discard(host)
+        if failed:
+            raise NatLabError(f"restore_wan({host!r}): " + "; ".join(failed))
+
+    @staticmethod
+    def _cut_rule(match: str, ifname: str) -> list[str]:
+        return [match, ifname, "-m", "comment", "--comment", _CUT_TAG, "-j", "DROP"]
+
     # -- lifecycle -------------------------------------------------------------------
 
     def __enter__(self) -> NatLab:
         reason = natlab_available()
         if reason:
             raise NatLabError(f"NatLab not available: {reason}")
+        if self.routed_wan and (reason := impair_available()):
+            raise NatLabError(f"NatLab impairment not available: {reason}")
         _live.add(self)
         try:
             self._build()
             self._wait_carrier()
             self._verify()
+            if self.impairment.active:  # after the checks, which loss could make flaky
+                self._start_line()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.close()
@@ -299,6 +552,7 @@ class NatLab:
         self._closed = True
         _live.discard(self)
         errors: list[str] = []
+        self._stop_line(errors)
         self._stop_procs(errors)
         for name in reversed(self._created):
             self._kill_stragglers(name, errors)
@@ -334,6 +588,62 @@ class NatLab:
                     p.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     errors.append(f"pid {p.pid} survived SIGKILL")
+
+    def _start_line(self) -> None:
+        """Run delayline.py in the routed wan, every leg's packets through it; wait for ready."""
+        legs = sorted(self._ifaces["wan"] - {"lo"})
+        argv = [sys.executable, str(DELAYLINE), *self.impairment.delayline_args()]
+        argv += ["--pref", str(_LINE_RULE_PREF)]
+        for leg in legs:
+            argv += ["--iif", leg]
+        log = tempfile.TemporaryFile()  # closed by _stop_line
+        self._line_log = log
+        self._line = p = self.popen("wan", argv, stdout=subprocess.PIPE, stderr=log)
+        assert p.stdout is not None
+        said = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(p.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 15
+            while not said.endswith(b"\n") and (left := deadline - time.monotonic()) > 0:
+                if not sel.select(left):
+                    continue
+                chunk = os.read(p.stdout.fileno(), 64)
+                if not chunk:
+                    break
+                said += chunk
+        p.stdout.close()
+        if said != b"ready\n":
+            errors: list[str] = []
+            self._stop_line(errors)
+            why = self.impair_log[-1] if self.impair_log else "; ".join(errors)
+            raise NatLabError(f"delay line did not start (said {said!r}): {why}")
+
+    def _stop_line(self, errors: list[str]) -> None:
+        """End the delay line (SIGTERM: it deletes its rules) and keep its summary."""
+        p, log = self._line, self._line_log
+        self._line = self._line_log = None
+        if p is None:
+            if log is not None:
+                log.close()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            p.terminate()
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(timeout=5)
+            errors.append("delay line ignored SIGTERM")
+        if p in self._procs:
+            self._procs.remove(p)
+        if log is not None:
+            log.seek(0)
+            text = log.read().decode(errors="replace").strip()
+            log.close()
+            self.impair_log.append(text or f"(exit {p.returncode}, said nothing)")
+            if p.returncode not in (0, -signal.SIGTERM):
+                errors.append(f"delay line exited {p.returncode}: {text}")
 
     def _kill_stragglers(self, name: str, errors: list[str]) -> None:
         """SIGKILL processes left in our namespace that were not started via popen().
@@ -383,6 +693,34 @@ class NatLab:
             self._up(host, leg)
         self._up(host, "br0", cidr)
 
+    def _router(self, host: str, legs: Mapping[str, str], own_ip: str) -> None:
+        """Make ``host`` a router standing in for a bridge: the same /24 on every side.
+
+        A host route per leg to the address behind it, proxy ARP (answered at once) so the
+        hosts on each leg reach the others as on-link neighbours, and ``own_ip`` on lo.  The
+        local rule moves after the delay line's rules, which then also catch packets to
+        ``own_ip`` (see the module docstring).
+        """
+        name = self.ns(host)
+        sysctls = [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ]
+        for leg in legs:
+            sysctls += [
+                f"net.ipv4.conf.{leg}.proxy_arp=1",
+                f"net.ipv4.conf.{leg}.rp_filter=0",
+                f"net.ipv4.neigh.{leg}.proxy_delay=0",
+            ]
+        self.run(host, ["sysctl", "-qw", *sysctls])
+        self._sh("-n", name, "addr", "add", f"{own_ip}/32", "dev", "lo")
+        for leg, addr in legs.items():
+            self._up(host, leg)
+            self._sh("-n", name, "route", "add", f"{addr}/32", "dev", leg)
+        self._sh("-n", name, "rule", "add", "pref", str(_LOCAL_RULE_PREF), "lookup", "local")
+        self._sh("-n", name, "rule", "del", "pref", "0", "lookup", "local")
+
     def _route_default(self, host: str, via: str) -> None:
         self._sh("-n", self.ns(host), "route", "add", "default", "via", via)
 
@@ -421,11 +759,11 @@ class NatLab:
         self._up("natA", "lan0", "192.168.1.1/24")
         self._up("natA", "wan0", f"{self.alice_public}/24")
         self._route_default("alice", "192.168.1.1")
-        legs = ["natA"]
+        legs = {"natA": self.alice_public}
         if self.kind == "no-nat":
             self._veth("bob", "wan0", "wan", "bob")
             self._up("bob", "wan0", f"{self.bob_ip}/24")
-            legs.append("bob")
+            legs["bob"] = self.bob_public
         else:
             self._veth("bob", "lan0", "natB", "lan0")
             self._veth("natB", "wan0", "wan", "natB")
@@ -433,8 +771,11 @@ class NatLab:
             self._up("natB", "lan0", "192.168.2.1/24")
             self._up("natB", "wan0", f"{self.bob_public}/24")
             self._route_default("bob", "192.168.2.1")
-            legs.append("natB")
-        self._bridge("wan", legs, f"{self.wan_ip}/24")
+            legs["natB"] = self.bob_public
+        if self.routed_wan:
+            self._router("wan", legs, str(self.wan_ip))
+        else:
+            self._bridge("wan", list(legs), f"{self.wan_ip}/24")
         symmetric = self.kind == "symmetric"
         self._nat("natA", random_fully=symmetric, drop_inbound=True)
         if "natB" in self.hosts:
