@@ -47,8 +47,19 @@ class Config:
     # All growth beyond the initial windows, summed over streams: the memory a peer can
     # make us buffer beyond max_streams * initial_window.
     window_budget: int = 64 * 1024 * 1024
-    max_streams: int = 2048  # open at once, both directions; excess peer opens get RST
+    # Open at once, both directions; excess peer opens get RST. With the initial window,
+    # this bounds what a peer can make us buffer: max_streams * 256 KiB + window_budget.
+    max_streams: int = 1024
     max_pending_accepts: int = 1024  # peer opens the application has not accepted yet
+    # Token buckets for what a peer may make us do per second. Opens beyond the rate are
+    # refused with RST (each open can cost the application a connection to a target);
+    # resets beyond theirs make us refuse its opens until the bucket refills: the HTTP/2
+    # "Rapid Reset" pattern (open, reset, repeat) never gets more work started than that.
+    # Opens: above what short connections through a forward reach (docs/PERFORMANCE.md).
+    max_open_rate: float = 5000.0
+    open_burst: int = 10000
+    max_reset_rate: float = 1000.0
+    reset_burst: int = 2000
     # Frames the peer provokes (pongs, refusals) that may wait unsent; more means it floods
     # us while not reading.
     max_control_backlog: int = 1024
@@ -64,6 +75,30 @@ class Config:
             raise ValueError(f"initial_window must be {INITIAL_WINDOW} (yamux fixes it)")
         if self.turn_bytes < 1:
             raise ValueError("turn_bytes must be at least 1")  # 0 would spin data_to_send
+
+
+class _Bucket:
+    """A token bucket on the caller's clock: `rate` tokens a second, at most `burst`."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last: float | None = None
+
+    def refill(self, now: float) -> None:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+
+    def take(self, now: float) -> bool:
+        self.refill(now)
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class _Stream:
@@ -128,6 +163,12 @@ class Connection:
         self.remote_goaway = False
         self.terminated: ev.ConnectionTerminated | None = None
         self._gone: list[int] = []  # streams forgotten since the last pop_closed()
+        self.queued_bytes = 0  # written by the application, not yet framed, all streams
+        self._opens = _Bucket(self.config.max_open_rate, self.config.open_burst)
+        self._resets = _Bucket(self.config.max_reset_rate, self.config.reset_burst)
+        # What the peer was refused, for the driver to report (it reads and clears them).
+        self.refused_opens = 0  # over max_streams / max_pending_accepts
+        self.throttled_opens = 0  # over the open or reset rate
 
     # -- queries ----------------------------------------------------------------------
 
@@ -182,6 +223,7 @@ class Connection:
         if data:
             stream.out.append(memoryview(data).cast("B"))
             stream.out_bytes += len(data)
+            self.queued_bytes += len(data)
             self._mark_ready(stream_id)
 
     def end_stream(self, stream_id: int) -> None:
@@ -331,8 +373,7 @@ class Connection:
             return _ACK
         return 0
 
-    @staticmethod
-    def _take(stream: _Stream, n: int) -> list[memoryview]:
+    def _take(self, stream: _Stream, n: int) -> list[memoryview]:
         chunks = []
         left = n
         while left:
@@ -346,6 +387,7 @@ class Connection:
                 left = 0
         stream.out_bytes -= n
         stream.send_window -= n
+        self.queued_bytes -= n
         return chunks
 
     # -- input ------------------------------------------------------------------------
@@ -373,7 +415,7 @@ class Connection:
             self.remote_goaway = True
             events.append(ev.GoAwayReceived(frame.length))
         else:
-            self._handle_stream_frame(frame, events)
+            self._handle_stream_frame(frame, now, events)
 
     def _handle_ping(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         flags = int(frame.flags)
@@ -388,7 +430,7 @@ class Connection:
         else:
             raise ProtocolError("ping with neither SYN nor ACK")
 
-    def _handle_stream_frame(self, frame: Frame, events: list[ev.Event]) -> None:
+    def _handle_stream_frame(self, frame: Frame, now: float, events: list[ev.Event]) -> None:
         flags = int(frame.flags)
         sid = frame.stream_id
         stream = self._streams.get(sid)
@@ -396,12 +438,20 @@ class Connection:
             if stream is not None or self.is_local(sid) or sid <= self._highest_remote:
                 raise ProtocolError(f"the peer opened stream {sid}, which it may not (re)use")
             self._highest_remote = sid
-            if (
+            refused = (
                 self.local_goaway
                 or self.remote_goaway  # it said it is leaving: nothing new is accepted
                 or len(self._streams) >= self.config.max_streams
                 or len(self._pending_accepts) >= self.config.max_pending_accepts
-            ):
+            )
+            if refused:
+                self.refused_opens += 1
+            else:
+                self._resets.refill(now)
+                if self._resets.tokens < 1 or not self._opens.take(now):
+                    self.throttled_opens += 1
+                    refused = True
+            if refused:
                 self._provoke(encode_header(FrameType.WINDOW_UPDATE, _ACK | _RST, sid, 0))
                 return  # refused: later frames for it are late frames of a known id
             stream = self._streams[sid] = _Stream(sid, self.config, local=False)
@@ -435,6 +485,7 @@ class Connection:
             if stream.state is StreamState.CLOSED and not stream.fin_pending:
                 self._forget(stream)
         if flags & _RST:  # allowed in every state; the stream is gone at once
+            self._resets.take(now)
             events.append(ev.StreamReset(sid))
             self._forget(stream)
 
@@ -469,6 +520,9 @@ class Connection:
         stream.state = StreamState.CLOSED
         if self._streams.pop(stream.id, None) is not None:
             self._budget_used -= stream.window - self.config.initial_window
+            self.queued_bytes -= stream.out_bytes  # a reset drops what was not sent
+            stream.out.clear()
+            stream.out_bytes = 0
             self._gone.append(stream.id)
         self._pending_accepts.discard(stream.id)
         self._in_ready.discard(stream.id)

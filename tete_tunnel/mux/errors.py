@@ -9,6 +9,9 @@ class GoAwayCode(IntEnum):
     NORMAL = 0
     PROTOCOL_ERROR = 1
     INTERNAL_ERROR = 2
+    # Ours (docs/PROTOCOL.md): the sender ends the session without finishing its work (an
+    # interrupted pipe); unlike NORMAL, it is no receipt for what the sender was sent.
+    CANCELLED = 3
 
 
 class MuxError(Exception):
