@@ -15,10 +15,16 @@ import psutil
 import pytest
 
 from tete_tunnel.carrier import Carrier, plain_carrier
-from tete_tunnel.errors import LinkLost
+from tete_tunnel.errors import (
+    Closed,
+    LinkBroken,
+    PeerUnresponsive,
+    PeerViolation,
+    StreamReset,
+)
 from tete_tunnel.mux import INITIAL_WINDOW
 from tete_tunnel.mux.frames import Flag, FrameDecoder, FrameType, encode_header
-from tete_tunnel.session import PeerLeft, Session, Stream, StreamReset
+from tete_tunnel.session import Session, Stream
 
 
 async def carriers_pair() -> tuple[Carrier, Carrier]:
@@ -205,7 +211,7 @@ def test_hostile_peer_is_cut_off_with_go_away(attack: str) -> None:
 
     code, error, peak = run(main())
     assert code == 1  # PROTOCOL_ERROR
-    assert isinstance(error, LinkLost) and "protocol error" in str(error)
+    assert isinstance(error, PeerViolation) and "protocol error" in str(error)
     assert peak < 8 << 20, f"honest side allocated {peak} bytes under attack"
 
 
@@ -244,7 +250,7 @@ def test_open_flood_past_the_limit_is_refused_then_cut_off() -> None:
     code, resets, error, peak = run(main())
     assert resets > 0  # excess opens were answered with RST first
     assert code == 1
-    assert isinstance(error, LinkLost)
+    assert isinstance(error, PeerViolation)
     assert peak < 16 << 20
 
 
@@ -254,11 +260,11 @@ def test_orderly_close_tells_the_peer() -> None:
             s = sa.open_stream()
             t = await sb.accept()
             await sa.close()
-            with pytest.raises(PeerLeft):
+            with pytest.raises(Closed):
                 await t.read()
             await asyncio.wait_for(sb.ended.wait(), 5)
-            assert sb.error is None and sb.peer_left
-            with pytest.raises((PeerLeft, LinkLost)):
+            assert sb.error is None and sb.peer_confirmed
+            with pytest.raises(Closed):
                 s.write(b"late")
 
     run(main())
@@ -277,7 +283,7 @@ def test_keepalive_detects_a_silent_peer() -> None:
         return session.error
 
     error = run(main())
-    assert isinstance(error, LinkLost) and "answered no ping" in str(error)
+    assert isinstance(error, PeerUnresponsive) and "answered no ping" in str(error)
 
 
 def test_pings_are_not_starved_by_bulk_data() -> None:
@@ -330,7 +336,7 @@ def test_memory_of_ten_thousand_sequential_streams_is_flat() -> None:
                 while True:
                     try:
                         t = await sb.accept()
-                    except (PeerLeft, LinkLost):
+                    except (Closed, LinkBroken):
                         return
                     t.write(await read_all(t))
                     t.write_eof()
@@ -407,7 +413,7 @@ def test_close_never_passes_an_abandoned_stream_off_as_complete() -> None:
             await sa.close()
             # The peer sees the abandoned stream end with the session, and never mistakes
             # the cut for a complete transfer (no clean EOF).
-            with pytest.raises((PeerLeft, LinkLost, StreamReset)):
+            with pytest.raises((Closed, LinkBroken, StreamReset)):
                 while await t.read():
                     pass
 

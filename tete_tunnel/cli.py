@@ -16,12 +16,16 @@ from typing import Annotated, Any
 import typer
 
 from tete_tunnel import __version__, eventloop
+from tete_tunnel import log as logmod
+from tete_tunnel.connector import DEFAULT_PORT, DEFAULT_TIMEOUT, DirectConnector, LinkConfig
 from tete_tunnel.errors import TeteError, UsageError
+from tete_tunnel.forward import DEFAULT_MAX_CONNECTIONS
 from tete_tunnel.identity import load_or_create, parse_id
-from tete_tunnel.link import DEFAULT_PORT, DEFAULT_TIMEOUT, LinkConfig
 from tete_tunnel.log import log, setup_logging
 from tete_tunnel.malloc import tune_malloc
 from tete_tunnel.secure import Auth
+from tete_tunnel.session import Keepalive
+from tete_tunnel.supervisor import App, supervise
 
 app = typer.Typer(
     name="tete-tunnel",
@@ -89,13 +93,35 @@ Timeout = Annotated[
         "--timeout", help="Seconds to keep punching before giving up.", rich_help_panel=CONN
     ),
 ]
-Keepalive = Annotated[
+KEEPALIVE = Keepalive()
+KeepaliveFlag = Annotated[
     bool,
     typer.Option(
         "-k",
         "--keepalive",
-        help="Detect a dead peer or dropped NAT mapping: a ping every 10 s, dead after 30 s "
-        "without an answer (plus TCP keepalive).",
+        help=f"Detect a dead peer or a dropped NAT mapping: a ping every "
+        f"{KEEPALIVE.interval:g} s, dead after {KEEPALIVE.timeout:g} s without an answer "
+        "(plus TCP keepalive and TCP_USER_TIMEOUT to match). On by default for forward.",
+        rich_help_panel=CONN,
+    ),
+]
+KeepaliveInterval = Annotated[
+    float | None,
+    typer.Option(
+        "--keepalive-interval",
+        metavar="SECONDS",
+        help=f"Seconds between pings (default {KEEPALIVE.interval:g}; 0: no pings). "
+        "Turns keepalive on.",
+        rich_help_panel=CONN,
+    ),
+]
+KeepaliveTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--keepalive-timeout",
+        metavar="SECONDS",
+        help=f"A peer that answers no ping for this long is dead (default "
+        f"{KEEPALIVE.timeout:g}). Turns keepalive on.",
         rich_help_panel=CONN,
     ),
 ]
@@ -114,7 +140,7 @@ def _link_config(
     code: str | None,
     identity: Path | None,
     timeout: float,
-    keepalive: bool,
+    keepalive: Keepalive | None,
 ) -> LinkConfig:
     if peer_id is not None and code is not None:
         raise UsageError("use either --peer-id or --code, not both")
@@ -136,6 +162,35 @@ def _link_config(
     )
     config.check()
     return config
+
+
+def _keepalive(
+    default_on: bool, flag: bool, interval: float | None, timeout: float | None
+) -> Keepalive | None:
+    """-k, or either option, turns keepalive on with the defaults for what is not given."""
+    if interval == 0:
+        return None
+    if not (default_on or flag or interval is not None or timeout is not None):
+        return None
+    return Keepalive(
+        interval=KEEPALIVE.interval if interval is None else interval,
+        timeout=KEEPALIVE.timeout if timeout is None else timeout,
+    )
+
+
+def _linked(config: LinkConfig, app: App) -> Coroutine[Any, Any, None]:
+    """The work of a command that links to the peer: identity first, then the supervisor."""
+    identity = load_or_create(config.identity_dir)  # a bad identity fails before the network
+    log.info("our ID: %s", identity.id)
+    connector = DirectConnector(config, identity)
+
+    async def work() -> None:
+        ending = await supervise(
+            connector, app, timeout=config.timeout, keepalive=config.keepalive
+        )
+        logmod.event(ending.value)
+
+    return work()
 
 
 def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
@@ -184,20 +239,25 @@ def pipe_command(
     code: Code = None,
     identity: IdentityDir = None,
     timeout: Timeout = DEFAULT_TIMEOUT,
-    keepalive: Keepalive = False,
+    keepalive: KeepaliveFlag = False,
+    keepalive_interval: KeepaliveInterval = None,
+    keepalive_timeout: KeepaliveTimeout = None,
     verbose: Verbose = 0,
 ) -> None:
     """Send stdin to the peer and write the peer's bytes to stdout.
 
     Works in pipelines (tar c dir | tete-tunnel pipe ...) and as an ssh ProxyCommand.
+    Exits 0 only when both directions ended in order and the peer confirmed it took all of
+    our data; a transfer cut short on either side exits 1 on both.
     """
-    from tete_tunnel.pipe import pipe_command as run
+    from tete_tunnel.pipe import PipeApp
 
     def work() -> Coroutine[Any, Any, None]:
+        alive = _keepalive(False, keepalive, keepalive_interval, keepalive_timeout)
         config = _link_config(
-            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, keepalive
+            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive
         )
-        return run(config)
+        return _linked(config, PipeApp())
 
     _run(verbose, work)
 
@@ -255,6 +315,24 @@ def forward_command(
             rich_help_panel="Forwards",
         ),
     ] = False,
+    no_reconnect: Annotated[
+        bool,
+        typer.Option(
+            "--no-reconnect",
+            help="Exit 1 when the link to the peer is lost (default: keep the -L ports "
+            "open and punch again until the peer is back).",
+            rich_help_panel=CONN,
+        ),
+    ] = False,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            metavar="N",
+            help="Client connections at once per listener; more are reset with a log line.",
+            rich_help_panel="Forwards",
+        ),
+    ] = DEFAULT_MAX_CONNECTIONS,
     my_ip: MyIp = None,
     lport: LPort = DEFAULT_PORT,
     rport: RPort = DEFAULT_PORT,
@@ -262,18 +340,23 @@ def forward_command(
     code: Code = None,
     identity: IdentityDir = None,
     timeout: Timeout = DEFAULT_TIMEOUT,
-    keepalive: Keepalive = False,
+    keepalive: KeepaliveFlag = False,
+    keepalive_interval: KeepaliveInterval = None,
+    keepalive_timeout: KeepaliveTimeout = None,
     verbose: Verbose = 0,
 ) -> None:
     """Forward TCP ports ssh-style: -L here to there, -R there to here.
 
-    With no -L or -R, only serves the peer's requests (within the access policy).
+    With no -L or -R, only serves the peer's requests (within the access policy). Stays up
+    when the link is lost: -L ports stay open and the link is made again (the same peer ID
+    is required); Ctrl-C on either side ends both.
     """
     from tete_tunnel.forward import Forwarder, parse_spec
-    from tete_tunnel.forward import forward_command as run
     from tete_tunnel.policy import Policy, parse_pattern
 
     def work() -> Coroutine[Any, Any, None]:
+        if max_connections < 1:
+            raise UsageError("--max-connections must be at least 1")
         forwarder = Forwarder(
             local=[parse_spec(t, "-L") for t in local or []],
             remote=[parse_spec(t, "-R") for t in remote or []],
@@ -282,11 +365,14 @@ def forward_command(
                 allow_listen=tuple(parse_pattern(t, "--allow-listen") for t in allow_listen or []),
             ),
             keep_going=keep_going,
+            reconnect=not no_reconnect,
+            max_connections=max_connections,
         )
+        alive = _keepalive(True, keepalive, keepalive_interval, keepalive_timeout)
         config = _link_config(
-            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, keepalive
+            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive
         )
-        return run(config, forwarder)
+        return _linked(config, forwarder)
 
     _run(verbose, work)
 

@@ -5,29 +5,36 @@ target. -R asks the peer, on a control stream that lives as long as the listener
 each connection there comes back to us as a FORWARDED stream and we connect to our target.
 The peer's requests are checked against our access policy on every open.
 
-Local listeners are bound before the link is made, so a taken port fails at once, and they
-belong to the Forwarder, not to one session (a later reconnect can keep them).
+Our -L listeners live above any one session: they are bound before the first link (a taken
+port fails at once) and stay open while the link is down and being made again. A connection
+that arrives meanwhile waits for the link (at most CONNECTION_WAIT) with its reading paused;
+connections that were open on a lost link are reset, never ended as if complete. The -R
+forwards are requested again on every new session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tete_tunnel import log as logmod
 from tete_tunnel import preamble
-from tete_tunnel.errors import LinkLost, TeteError, UsageError
-from tete_tunnel.link import LinkConfig, establish
+from tete_tunnel.errors import Closed, LinkBroken, TeteError, UsageError
+from tete_tunnel.net import Address, endpoint, listen_on, resolve
 from tete_tunnel.policy import Policy
-from tete_tunnel.punch import endpoint, port_holder
-from tete_tunnel.session import PeerLeft, Session, Stream
-from tete_tunnel.shutdown import Interrupted, Signals
-from tete_tunnel.splice import ConnectFailed, OpenFailed, Refused, Splice, connect_and_splice
+from tete_tunnel.secure import SecureLink
+from tete_tunnel.session import Session, Stream
+from tete_tunnel.splice import (
+    ConnectFailed,
+    OpenFailed,
+    Refused,
+    Splice,
+    connect_and_splice,
+    session_ended,
+)
+from tete_tunnel.supervisor import Ending
 
 log = logging.getLogger("tete_tunnel")
 
@@ -35,6 +42,9 @@ SPEC_SYNTAX = "[bind_address:]port:host:hostport (IPv6 addresses in brackets)"
 PREAMBLE_TIMEOUT = 10.0  # a peer's open request must arrive within this
 CONNECT_TIMEOUT = 10.0  # connecting to a target
 LISTEN_BACKLOG = 512  # bursts of connections wait in the kernel, not in memory
+CONNECTION_WAIT = 30.0  # a connection that arrives while the link is down waits this long
+DEFAULT_MAX_CONNECTIONS = 512  # client connections at once per listener (--max-connections)
+REFUSAL_REPORT_INTERVAL = 5.0  # refused connections are logged once per interval
 
 
 @dataclass(frozen=True)
@@ -95,167 +105,284 @@ def parse_spec(text: str, option: str) -> ForwardSpec:
 
 
 async def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening non-blocking socket; a taken port names its holder if it can."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise TeteError(f"cannot listen on {endpoint(host, port)}: {exc.strerror}") from exc
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        where = endpoint(host, port)
-        if exc.errno == errno.EADDRINUSE:
-            holder = port_holder(port)
-            by = f" by {holder}" if holder else ""
-            raise TeteError(f"cannot listen on {where}: the port is already in use{by}") from exc
-        raise TeteError(f"cannot listen on {where}: {exc.strerror}") from exc
-    return sock
+    """A listening socket on the first address `host` resolves to."""
+    addresses = await resolve(host, port, passive=True)
+    return listen_on(addresses[0], LISTEN_BACKLOG)
 
 
-async def resolve(host: str, port: int) -> list[tuple]:
-    """Addresses for host:port; an IP literal needs no resolver (asyncio would use a thread)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        if ip.version == 6:
-            return [(socket.AF_INET6, (host, port, 0, 0))]
-        return [(socket.AF_INET, (host, port))]
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise TeteError(f"cannot resolve {host}: {exc.strerror}") from exc
-    return [(family, address) for family, _, _, _, address in infos]
+class _Refusals:
+    """Connections refused by a listener: one log line per interval, with a count."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.count = 0
+        self.next_report = 0.0
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        now = asyncio.get_running_loop().time()
+        if now >= self.next_report:
+            more = f" ({self.count} so far)" if self.count > 1 else ""
+            log.warning("%s: refused a connection: %s%s", self.label, why, more)
+            self.next_report = now + REFUSAL_REPORT_INTERVAL
 
 
-class Forwarder:
+class _Reject(asyncio.Protocol):
+    """A connection over the limit: reset at once, before any byte is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        transport.abort()
+
+
+class Relay:
+    """A listening socket whose connections go to the peer on streams opened with `request`.
+
+    The relay outlives sessions: `attach` gives it the session to open streams on, `detach`
+    takes it away; connections made in between wait (paused) until the next attach or until
+    `wait` seconds have passed. Connections are protocols owned here (no task each): cheap
+    to accept, and reset when the relay closes.
+    """
+
     def __init__(
         self,
-        local: list[ForwardSpec],
-        remote: list[ForwardSpec],
-        policy: Policy,
-        keep_going: bool = False,
-    ) -> None:
-        self.local = local
-        self.remote = remote
-        self.policy = policy
-        self.keep_going = keep_going
-        self.listeners: list[tuple[ForwardSpec, socket.socket]] = []
-        self._remote_by_stream: dict[int, ForwardSpec] = {}
-
-    async def bind_local(self) -> None:
-        for spec in self.local:
-            try:
-                sock = await bind_listener(spec.bind_host, spec.bind_port)
-            except TeteError as exc:
-                if not self.keep_going:
-                    self.close()
-                    raise
-                log.warning("error: -L %s: %s (going on without it)", spec.text, exc)
-                continue
-            self.listeners.append((spec, sock))
-
-    def close(self) -> None:
-        for _, sock in self.listeners:
-            sock.close()
-        self.listeners.clear()
-
-    async def serve(self, session: Session) -> None:
-        """Run the forwards over one session until it ends (raises why, PeerLeft if orderly)."""
-        self._remote_by_stream.clear()
-        async with asyncio.TaskGroup() as tg:
-            for spec, sock in self.listeners:
-                bound = endpoint(*sock.getsockname()[:2])
-                print(f"Forwarding {bound} -> peer {endpoint(spec.host, spec.port)}", flush=True)
-                request = preamble.Connect(spec.host, spec.port)
-                # The relay closes the socket it serves: ours stays for the next session.
-                tg.create_task(self._relay(session, sock.dup(), request, spec.text))
-            for spec in self.remote:
-                tg.create_task(self._request_remote(session, spec))
-            while True:
-                stream = await session.accept()
-                tg.create_task(self._incoming(session, stream))
-
-    # -- -L: our listeners --------------------------------------------------------------
-
-    async def _relay(
-        self,
-        session: Session,
         sock: socket.socket,
         request: preamble.Request,
         label: str,
-        until: asyncio.Event | None = None,
+        *,
+        max_connections: int,
+        wait: float = CONNECTION_WAIT,
     ) -> None:
-        """Each connection to `sock` goes to the peer on a stream that starts with `request`.
+        self.sock = sock
+        self.label = label
+        self._opening = preamble.encode(request)
+        self._max = max_connections
+        self._wait = wait
+        self._session: Session | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[Splice] = set()
+        self._waiting: dict[Splice, asyncio.TimerHandle] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._refusals = _Refusals(label)
 
-        Runs until cancelled, or until `until` is set and the connections it accepted have
-        ended. Connections are protocols owned here (no task each): cheap to accept, and
-        reset when this returns. Takes `sock` over: it is closed when `until` is set or when
-        this returns.
-        """
+    @property
+    def bound(self) -> str:
+        return endpoint(*self.sock.getsockname()[:2])
+
+    async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        opening = preamble.encode(request)
-        conns: set[Splice] = set()
-        idle = asyncio.Event()
-        idle.set()
+        self._server = await loop.create_server(
+            self._accepted, sock=self.sock, backlog=LISTEN_BACKLOG
+        )
 
-        def open_stream() -> Stream:
+    def attach(self, session: Session) -> None:
+        self._session = session
+        waiting, self._waiting = self._waiting, {}
+        for conn, timer in waiting.items():
+            timer.cancel()
+            self._open(conn, session)
+
+    def detach(self) -> None:
+        self._session = None
+
+    async def stop_accepting_and_drain(self) -> None:
+        """No new connections; until the ones already here have ended."""
+        if self._server is not None:
+            self._server.close()
+        await self._idle.wait()
+
+    def close(self) -> None:
+        """Stop listening and reset every connection still here."""
+        if self._server is not None:
+            self._server.close()
+        else:
+            self.sock.close()
+        for timer in self._waiting.values():
+            timer.cancel()
+        self._waiting.clear()
+        for conn in list(self._conns):
+            conn.abort()
+        self._conns.clear()
+        self._idle.set()
+
+    # -- connections ------------------------------------------------------------------
+
+    def _accepted(self) -> asyncio.Protocol:
+        if len(self._conns) >= self._max:
+            self._refusals.add(f"{self._max} connections already (--max-connections)")
+            return _Reject()
+        conn = Splice(on_made=self._made, on_end=self._ended, answer_pending=True)
+        self._conns.add(conn)
+        self._idle.clear()
+        return conn
+
+    def _made(self, conn: Splice) -> None:
+        session = self._session
+        if session is not None and not session.ended.is_set():
+            self._open(conn, session)
+            return
+        loop = asyncio.get_running_loop()
+        log.info("%s: %s waits for the link to the peer", self.label, conn.client)
+        self._waiting[conn] = loop.call_later(self._wait, self._gave_up, conn)
+
+    def _gave_up(self, conn: Splice) -> None:
+        self._waiting.pop(conn, None)
+        log.warning(
+            "%s: closed the connection from %s: no link to the peer for %g s",
+            self.label,
+            conn.client,
+            self._wait,
+        )
+        conn.fail(OpenFailed("no link to the peer"))
+
+    def _open(self, conn: Splice, session: Session) -> None:
+        try:
             stream = session.open_stream()
-            stream.write(opening)  # data may follow at once: no round trip
-            return stream
+            stream.write(self._opening)  # data may follow at once: no round trip
+        except TeteError as exc:
+            conn.fail(OpenFailed(str(exc) or "the session has ended"))
+            return
+        conn.start(stream)
 
-        def ended(conn: Splice, error: BaseException | None) -> None:
-            conns.discard(conn)
-            if not conns:
-                idle.set()
-            if error is None or isinstance(error, (PeerLeft, LinkLost)):
-                return  # the session's end is reported once, by the caller of serve()
-            if isinstance(error, Refused):
-                log.warning(
-                    "%s: the peer refused the connection from %s: %s", label, conn.client, error
+    def _ended(self, conn: Splice, error: BaseException | None) -> None:
+        self._conns.discard(conn)
+        timer = self._waiting.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        if not self._conns:
+            self._idle.set()
+        if error is None or session_ended(error):
+            return  # the session's end is reported once, by the supervisor
+        if isinstance(error, Refused):
+            log.warning(
+                "%s: the peer refused the connection from %s: %s", self.label, conn.client, error
+            )
+        elif isinstance(error, OpenFailed):
+            log.warning("%s: %s; dropping the connection", self.label, error)
+        else:
+            log.info("%s: connection from %s ended: %s", self.label, conn.client, error)
+
+
+@dataclass
+class _Remote:
+    """One -R forward: its spec and the port the peer bound the first time."""
+
+    spec: ForwardSpec
+    port: int | None = None  # after the first BOUND: ask for the same port again
+    given_up: bool = False
+
+
+@dataclass
+class Forwarder:
+    """The application of `tete-tunnel forward`, for the supervisor."""
+
+    local: list[ForwardSpec]
+    remote: list[ForwardSpec]
+    policy: Policy
+    keep_going: bool = False
+    reconnect: bool = True
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    relays: list[Relay] = field(default_factory=list)  # our -L listeners
+    _bound_specs: list[ForwardSpec] = field(default_factory=list)  # theirs, in order
+    _remotes: list[_Remote] = field(default_factory=list)
+    _remote_by_stream: dict[int, ForwardSpec] = field(default_factory=dict)
+    _interrupted: asyncio.Event | None = None
+    _sessions: int = 0
+
+    async def prepare(self) -> None:
+        """Bind the -L listeners before any link, so a taken port fails at once."""
+        self._interrupted = asyncio.Event()
+        self._remotes = [_Remote(spec) for spec in self.remote]
+        try:
+            for spec in self.local:
+                try:
+                    sock = await bind_listener(spec.bind_host, spec.bind_port)
+                except TeteError as exc:
+                    if not self.keep_going:
+                        raise
+                    log.warning("error: -L %s: %s (going on without it)", spec.text, exc)
+                    continue
+                relay = Relay(
+                    sock,
+                    preamble.Connect(spec.host, spec.port),
+                    spec.text,
+                    max_connections=self.max_connections,
                 )
-            elif isinstance(error, OpenFailed):
-                log.warning("%s: %s; dropping the connection", label, error)
-            else:
-                log.info("%s: connection from %s ended: %s", label, conn.client, error)
-
-        def accepted() -> Splice:
-            conn = Splice(open_stream, answer_pending=True, on_end=ended)
-            conns.add(conn)
-            idle.clear()
-            return conn
-
-        try:
-            server = await loop.create_server(accepted, sock=sock, backlog=LISTEN_BACKLOG)
+                self.relays.append(relay)
+                self._bound_specs.append(spec)
+                await relay.start()
         except BaseException:
-            sock.close()
+            await self.close()
             raise
+
+    def interrupt(self) -> None:
+        assert self._interrupted is not None
+        self._interrupted.set()
+
+    async def close(self) -> None:
+        for relay in self.relays:
+            relay.close()
+        self.relays.clear()
+        self._bound_specs.clear()
+
+    async def run(self, session: Session, link: SecureLink) -> Ending:
+        """Serve over one session until it ends (raises why) or either side stops."""
+        assert self._interrupted is not None
+        first = self._sessions == 0
+        self._sessions += 1
+        self._remote_by_stream.clear()
+        for spec, relay in zip(self._bound_specs, self.relays, strict=True):
+            if first:
+                target = endpoint(spec.host, spec.port)
+                print(f"Forwarding {relay.bound} -> peer {target}", flush=True)
+            relay.attach(session)
+        streams: set[asyncio.Task[None]] = set()  # one per stream the peer opened
+        waiting: set[asyncio.Future] = {
+            asyncio.ensure_future(self._serve(session, streams)),
+            asyncio.ensure_future(self._interrupted.wait()),
+        }
+        for remote in self._remotes:
+            if not remote.given_up:
+                waiting.add(asyncio.ensure_future(self._request_remote(session, remote, first)))
         try:
-            if until is None:
-                await asyncio.Future()  # until cancelled
-            else:
-                await until.wait()
-                server.close()
-                await idle.wait()
+            while True:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    result = task.result()  # a broken link, or a refused -R, ends it here
+                    if result is True:  # the interrupt event
+                        return Ending.BY_US
+                    if isinstance(result, Ending):
+                        return result
         finally:
-            server.close()
-            for conn in list(conns):
-                conn.abort()
+            for task in (*waiting, *streams):
+                task.cancel()
+            await asyncio.gather(*waiting, *streams, return_exceptions=True)
+            for relay in self.relays:
+                relay.detach()
+
+    async def _serve(self, session: Session, streams: set[asyncio.Task[None]]) -> Ending:
+        """Accept the peer's streams until it leaves (its go-away) or the link breaks."""
+        while True:
+            try:
+                stream = await session.accept()
+            except Closed:
+                return Ending.BY_PEER
+            task = asyncio.ensure_future(self._incoming(session, stream))
+            streams.add(task)
+            task.add_done_callback(streams.discard)
 
     # -- -R: we ask the peer to listen ------------------------------------------------------
 
-    async def _request_remote(self, session: Session, spec: ForwardSpec) -> None:
+    async def _request_remote(self, session: Session, remote: _Remote, first: bool) -> None:
+        spec = remote.spec
         control = session.open_stream()
         self._remote_by_stream[control.id] = spec  # before any FORWARDED can name it
-        control.write(preamble.encode(preamble.Listen(spec.bind_host, spec.bind_port)))
+        port = spec.bind_port if remote.port is None else remote.port
+        control.write(preamble.encode(preamble.Listen(spec.bind_host, port)))
         try:
             async with asyncio.timeout(PREAMBLE_TIMEOUT):
                 answer = await preamble.read_message(control)
@@ -264,29 +391,31 @@ class Forwarder:
         except preamble.PreambleError as exc:
             answer = preamble.Refuse(str(exc))
         if isinstance(answer, preamble.Bound):
-            where = endpoint(spec.bind_host, answer.port)
-            print(f"Forwarding peer {where} -> {endpoint(spec.host, spec.port)}", flush=True)
+            if answer.port != remote.port:
+                where = endpoint(spec.bind_host, answer.port)
+                print(f"Forwarding peer {where} -> {endpoint(spec.host, spec.port)}", flush=True)
+            remote.port = answer.port
             return  # the control stream stays open: the peer keeps listening while it is
         reason = answer.reason if isinstance(answer, preamble.Refuse) else repr(answer)
         del self._remote_by_stream[control.id]
         control.reset()
-        if not self.keep_going:
+        if first and not self.keep_going:
             raise TeteError(f"the peer refused -R {spec.text}: {reason}")
+        remote.given_up = first
         log.warning("error: the peer refused -R %s: %s (going on without it)", spec.text, reason)
 
     # -- the peer's requests --------------------------------------------------------------
 
     async def _incoming(self, session: Session, stream: Stream) -> None:
+        """Serve one stream the peer opened; whatever happens ends this stream only."""
         try:
-            async with asyncio.timeout(PREAMBLE_TIMEOUT):
-                request = await preamble.read_message(stream)
-        except (TimeoutError, preamble.PreambleError) as exc:
-            log.warning("reset a stream from the peer: %s", exc or "no open request in time")
-            stream.reset()
-            return
-        except (PeerLeft, TeteError):
-            return
-        try:
+            try:
+                async with asyncio.timeout(PREAMBLE_TIMEOUT):
+                    request = await preamble.read_message(stream)
+            except (TimeoutError, preamble.PreambleError) as exc:
+                log.warning("reset a stream from the peer: %s", exc or "no open request in time")
+                stream.reset()
+                return
             match request:
                 case preamble.Connect(host, port):
                     await self._serve_connect(stream, host, port)
@@ -296,10 +425,15 @@ class Forwarder:
                     await self._serve_forwarded(stream, listener_id)
                 case _:
                     preamble.refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
-        except (PeerLeft, LinkLost):
-            pass  # the session's end is reported once, by the caller of serve()
+        except (Closed, LinkBroken):
+            pass  # the session's end is reported once, by the supervisor
         except TeteError as exc:  # e.g. the peer reset the stream while we connected
             log.info("a stream from the peer ended: %s", exc)
+            stream.reset()
+        except Exception as exc:  # one stream's failure never ends the others
+            log.warning("a stream from the peer failed and was reset: %r", exc)
+            log.debug("stream failure", exc_info=True)
+            stream.reset()
 
     async def _serve_connect(self, stream: Stream, host: str, port: int) -> None:
         try:
@@ -307,7 +441,7 @@ class Forwarder:
         except TeteError as exc:
             preamble.refuse(stream, str(exc))
             return
-        refusal = self.policy.open_refusal(host, port, [a[1][0] for a in addresses])
+        refusal = self.policy.open_refusal(host, port, [a.ip for a in addresses])
         if refusal is not None:
             log.warning("refused the peer's request to connect to %s", endpoint(host, port))
             preamble.refuse(stream, refusal)
@@ -328,17 +462,22 @@ class Forwarder:
         await self._connect_and_splice(stream, spec.host, spec.port, addresses, f"-R {spec.text}")
 
     async def _connect_and_splice(
-        self, stream: Stream, host: str, port: int, addresses: list[tuple], label: str
+        self, stream: Stream, host: str, port: int, addresses: list[Address], label: str
     ) -> None:
         accept = preamble.encode(preamble.Accept())
         try:
             await connect_and_splice(
-                stream, host, port, addresses, answer=accept, per_address=CONNECT_TIMEOUT
+                stream,
+                host,
+                port,
+                [(a.family, a.sockaddr) for a in addresses],
+                answer=accept,
+                per_address=CONNECT_TIMEOUT,
             )
         except ConnectFailed as exc:
             log.warning("%s: %s", label, exc)
             preamble.refuse(stream, str(exc))
-        except (PeerLeft, LinkLost):
+        except (Closed, LinkBroken):
             pass
         except TeteError as exc:
             log.info("%s: connection to %s ended: %s", label, endpoint(host, port), exc)
@@ -357,60 +496,23 @@ class Forwarder:
             preamble.refuse(stream, str(exc))
             return
         bound = sock.getsockname()[1]
-        log.info("listening on %s for the peer", endpoint(host, bound))
-        stream.write(preamble.encode(preamble.Bound(bound)))
         label = f"the peer's -R on {endpoint(host, bound)}"
-        closed = asyncio.Event()  # the peer closed the forward; its connections may finish
+        relay = Relay(
+            sock, preamble.Forwarded(stream.id), label, max_connections=self.max_connections
+        )
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(_wait_stream_end(stream, closed))
-                await self._relay(session, sock, preamble.Forwarded(stream.id), label, closed)
+            await relay.start()
+            relay.attach(session)
+            log.info("listening on %s for the peer", endpoint(host, bound))
+            stream.write(preamble.encode(preamble.Bound(bound)))
+            await _until_stream_end(stream)  # the peer closed the forward
+            await relay.stop_accepting_and_drain()  # its connections may finish
         finally:
-            sock.close()
+            relay.close()
             log.info("stopped listening on %s", endpoint(host, bound))
 
 
-async def _wait_stream_end(stream: Stream, closed: asyncio.Event) -> None:
-    with contextlib.suppress(TeteError, PeerLeft):
+async def _until_stream_end(stream: Stream) -> None:
+    with contextlib.suppress(TeteError):
         while await stream.read():
             pass
-    closed.set()
-
-
-async def forward_command(config: LinkConfig, forwarder: Forwarder) -> None:
-    """The whole `tete-tunnel forward`: bind, link up, serve until a signal or the peer ends."""
-    with Signals() as signals:
-        await forwarder.bind_local()
-        try:
-            try:
-                link = await signals.interruptible(establish(config))
-            except Interrupted:
-                raise TeteError("interrupted before the peer was connected") from None
-            async with Session(
-                link.carrier, client=link.is_tls_client, keepalive=config.keepalive
-            ) as session:
-                try:
-                    await signals.interruptible(forwarder.serve(session))
-                except Interrupted:
-                    await session.close()
-                    logmod.event("Closed connection")
-                    return
-                except BaseExceptionGroup as group:
-                    error = _most_telling(group)
-                    if isinstance(error, PeerLeft):
-                        logmod.event("Peer closed connection")
-                        return
-                    raise error from None
-                except PeerLeft:
-                    logmod.event("Peer closed connection")
-                    return
-        finally:
-            forwarder.close()
-
-
-def _most_telling(group: BaseExceptionGroup) -> BaseException:
-    for cls in (TeteError, PeerLeft):
-        for e in group.exceptions:
-            if isinstance(e, cls):
-                return e
-    return group

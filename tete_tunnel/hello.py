@@ -13,6 +13,10 @@ from enum import IntEnum
 
 from tete_tunnel.errors import HandshakeError
 
+
+class NotAPeer(HandshakeError):
+    """What answered does not speak tete-tunnel at all (another service on that port?)."""
+
 MAGIC = b"TETE"
 VERSION = 1
 HEADER = struct.Struct("!4sBBH")
@@ -86,7 +90,7 @@ def parse_header(header: bytes) -> tuple[MessageType, int]:
         raise HandshakeError(f"truncated handshake header ({len(header)} bytes)")
     magic, version, kind, length = HEADER.unpack(header)
     if magic != MAGIC:
-        raise HandshakeError(f"not a tete-tunnel peer (it sent {header[:4]!r})")
+        raise NotAPeer(f"not a tete-tunnel peer (it sent {header[:4]!r})")
     if version != VERSION:
         raise HandshakeError(
             f"the peer speaks handshake version {version}, we speak {VERSION}: "

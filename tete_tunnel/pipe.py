@@ -1,39 +1,48 @@
 """`pipe`: stdin to the peer, the peer to stdout, binary-safe, with half-close.
 
+Nothing truncated is ever reported as complete, in either direction:
+- Only the end of standard input ends our direction cleanly (FIN). A signal before that
+  aborts the stream (RST), and the peer exits 1 saying so.
+- We exit 0 only when the peer has confirmed it took all of our data: its go-away, which it
+  sends once it has written everything it received (docs/PROTOCOL.md, "receipt").
+- When standard input is a terminal, the end of the peer's data ends our direction too, so
+  `tete-tunnel pipe ... | tar x` typed at a prompt ends by itself.
+
 Standard input and output are moved by two daemon threads with blocking I/O, because they
 may be anything (a pipe, a terminal, a regular file, /dev/null) and the event loop can wait on
-none but the first two; daemon threads never hold up exit when a terminal read is pending.
+none but the first two. The threads hand over chunks with call_soon_threadsafe only (never a
+coroutine), so an ending loop cannot leave them with a traceback or an unawaited coroutine.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import queue
+import select
+import termios
 import threading
+from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 
 from tete_tunnel import log as logmod
 from tete_tunnel import preamble
-from tete_tunnel.errors import LinkLost, TeteError
-from tete_tunnel.link import LinkConfig, establish
-from tete_tunnel.session import PeerLeft, Session, Stream, StreamReset
-from tete_tunnel.shutdown import Interrupted, Signals
+from tete_tunnel.errors import Closed, LinkBroken, StreamReset, TeteError, TransferAborted
+from tete_tunnel.mux.errors import GoAwayCode
+from tete_tunnel.secure import SecureLink
+from tete_tunnel.session import LINGER, Session, Stream
+from tete_tunnel.supervisor import Ending
 
 log = logging.getLogger("tete_tunnel")
 
 CHUNK = 256 * 1024
-
-
-class ByteStream(Protocol):
-    """What pipe needs of a link: a half-closable byte stream (a mux stream in time)."""
-
-    async def read(self) -> bytes: ...  # b"" at the peer's end of data
-    async def write(self, data: bytes) -> None: ...
-    async def write_eof(self) -> None: ...
-    async def wait_peer_leaving(self) -> None: ...  # raises PeerLeft when it does
+# After a signal, how long the transfer may take to finish by itself: ssh closes a
+# ProxyCommand's standard input and sends it SIGHUP right after, at a normal logout.
+SIGNAL_GRACE = 0.5
 
 
 class StdinSource:
@@ -41,28 +50,66 @@ class StdinSource:
 
     def __init__(self, fd: int) -> None:
         self._loop = asyncio.get_running_loop()
-        self._chunks: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=1)
         self._fd = fd
+        self._chunks: deque[bytes | OSError] = deque()
+        self._arrived = asyncio.Event()
+        self._may_read = threading.Semaphore(1)
+        self._stopped = False
+        self.ended = False  # EOF (or an error) was read
         threading.Thread(target=self._run, name="stdin", daemon=True).start()
 
     def _run(self) -> None:
         while True:
+            self._may_read.acquire()
+            if self._stopped:
+                return
             try:
                 chunk: bytes | OSError = os.read(self._fd, CHUNK)
             except OSError as exc:
                 chunk = exc
             try:
-                asyncio.run_coroutine_threadsafe(self._chunks.put(chunk), self._loop).result()
-            except RuntimeError:  # the loop is gone: we are exiting
+                self._loop.call_soon_threadsafe(self._put, chunk)
+            except RuntimeError:  # the loop is closed: we are exiting
                 return
             if not isinstance(chunk, bytes) or not chunk:
                 return
 
+    def _put(self, chunk: bytes | OSError) -> None:
+        self._chunks.append(chunk)
+        self._arrived.set()
+
     async def read(self) -> bytes:
-        chunk = await self._chunks.get()
+        while not self._chunks:
+            self._arrived.clear()
+            await self._arrived.wait()
+        chunk = self._chunks.popleft()
         if isinstance(chunk, OSError):
+            self.ended = True
             raise TeteError(f"cannot read standard input: {chunk.strerror}")
+        if chunk:
+            self._may_read.release()
+        else:
+            self.ended = True
         return chunk
+
+    def at_eof_now(self) -> bool:
+        """The writer of our pipe or socket has gone and nothing is left to read."""
+        if self.ended or any(isinstance(c, bytes) and not c for c in self._chunks):
+            return True
+        try:
+            readable, _, _ = select.select([self._fd], [], [], 0)
+            if not readable:
+                return False
+            left = array.array("i", [0])
+            fcntl.ioctl(self._fd, termios.FIONREAD, left)
+        except (OSError, ValueError):
+            return False
+        return left[0] == 0 and not os.isatty(self._fd)
+
+    def stop(self) -> None:
+        """Read no more (a read already under way is abandoned with the thread)."""
+        self._stopped = True
+        self._may_read.release()
 
 
 class StdoutSink:
@@ -75,6 +122,7 @@ class StdoutSink:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._closed = self._loop.create_future()
         self._error: OSError | None = None
+        self._closing = False
         threading.Thread(target=self._run, name="stdout", daemon=True).start()
 
     def _run(self) -> None:
@@ -90,16 +138,15 @@ class StdoutSink:
             self._call(self._done_one, error)
         if error is None:
             # Release the real stdout so the reader downstream sees EOF, but keep fd 1 valid.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._fd)
-            os.close(devnull)
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._fd)
+                os.close(devnull)
         self._call(self._finish, error)
 
     def _call(self, fn: Callable[[OSError | None], None], arg: OSError | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
             self._loop.call_soon_threadsafe(fn, arg)
-        except RuntimeError:
-            pass  # the loop is gone: we are exiting
 
     def _done_one(self, error: OSError | None) -> None:
         self._error = self._error or error
@@ -116,105 +163,30 @@ class StdoutSink:
     async def write(self, data: bytes) -> None:
         self._check()
         await self._room.acquire()
+        self._check()
         self._queue.put(data)
 
     async def close(self) -> None:
-        self._queue.put(None)
-        error = await self._closed
+        """Until everything written has reached the descriptor (which is then released)."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(None)
+        error = await asyncio.shield(self._closed)
         if error is not None:
             raise TeteError(f"cannot write standard output: {error.strerror}")
 
 
-class PipeStream:
-    """A mux stream seen as pipe's byte stream; the opener first reads the peer's answer."""
-
-    def __init__(self, session: Session, stream: Stream, *, awaiting_answer: bool) -> None:
-        self._session = session
-        self._stream = stream
-        self._awaiting_answer = awaiting_answer
-
-    async def read(self) -> bytes:
-        try:
-            if self._awaiting_answer:
-                answer = await preamble.read_message(self._stream)
-                self._awaiting_answer = False
-                if isinstance(answer, preamble.Refuse):
-                    raise TeteError(f"the peer refused the pipe: {answer.reason}")
-                if not isinstance(answer, preamble.Accept):
-                    raise TeteError("the peer answered the pipe request with nonsense")
-            return await self._stream.read(CHUNK)
-        except StreamReset as exc:
-            raise LinkLost("the peer reset the pipe") from exc
-
-    async def write(self, data: bytes) -> None:
-        self._stream.write(data)
-        await self._stream.drain()
-
-    async def write_eof(self) -> None:
-        self._stream.write_eof()
-
-    async def wait_peer_leaving(self) -> None:
-        await self._session.wait_ended()
-        raise PeerLeft
-
-    async def wait_delivered(self) -> None:
-        """Until our data and FIN have left (the stream is closed both ways)."""
-        await self._stream.wait_closed()
-
-
-async def _send_all(source: StdinSource, stream: ByteStream) -> None:
-    while chunk := await source.read():
-        await stream.write(chunk)
-    await stream.write_eof()
-
-
-async def _receive_all(stream: ByteStream, sink: StdoutSink, status: _Status) -> None:
-    while chunk := await stream.read():
-        await sink.write(chunk)
-    await sink.close()
-    status.peer_done = True
-    logmod.event("Peer closed connection")
-
-
-class _Status:
-    peer_done = False
-
-
-async def run_pipe(
-    stream: ByteStream, stdin_fd: int = 0, stdout_fd: int = 1, status: _Status | None = None
-) -> None:
-    """Both directions at once; returns when both are done, raises on the first failure.
-
-    Once the peer's data has ended we keep listening while ours is still being sent, so a
-    peer that leaves early ends our side at once instead of failing a later write.
-    """
-    status = status or _Status()
-    source, sink = StdinSource(stdin_fd), StdoutSink(stdout_fd)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            send = tg.create_task(_send_all(source, stream))
-            await tg.create_task(_receive_all(stream, sink, status))
-            if not send.done():
-                watch = tg.create_task(stream.wait_peer_leaving())
-                await asyncio.wait([send, watch], return_when=asyncio.FIRST_COMPLETED)
-                watch.cancel()
-    except BaseExceptionGroup as group:
-        raise _most_telling(group) from None
-
-
-def _most_telling(group: BaseExceptionGroup) -> BaseException:
-    """The peer leaving explains a failed write; otherwise our own error, else the group."""
-    leaves = [e for e in group.exceptions if isinstance(e, PeerLeft)]
-    ours = [e for e in group.exceptions if isinstance(e, TeteError)]
-    return (leaves or ours or [group])[0]
-
-
-async def _open_pipe(session: Session, is_opener: bool) -> PipeStream:
+async def open_pipe(session: Session, link: SecureLink) -> Stream:
     """The TLS client opens the pipe stream; the server accepts it (and only it)."""
-    if is_opener:
+    if link.is_tls_client:
         stream = session.open_stream()
         stream.write(preamble.encode(preamble.Pipe()))
-        return PipeStream(session, stream, awaiting_answer=True)
+        answer = await preamble.read_message(stream)
+        if isinstance(answer, preamble.Refuse):
+            raise TeteError(f"the peer refused the pipe: {answer.reason}")
+        if not isinstance(answer, preamble.Accept):
+            raise TeteError("the peer answered the pipe request with nonsense")
+        return stream
     while True:
         stream = await session.accept()
         try:
@@ -225,7 +197,7 @@ async def _open_pipe(session: Session, is_opener: bool) -> PipeStream:
             continue
         if isinstance(request, preamble.Pipe):
             stream.write(preamble.encode(preamble.Accept()))
-            return PipeStream(session, stream, awaiting_answer=False)
+            return stream
         preamble.refuse(stream, "this peer runs `tete-tunnel pipe`, not `forward`")
 
 
@@ -234,51 +206,145 @@ async def _refuse_streams(session: Session) -> None:
     while True:
         try:
             stream = await session.accept()
-        except (PeerLeft, TeteError):
-            return  # the session ended; the pipe itself reports why
+        except TeteError:
+            return  # the session is ending; the pipe itself reports why
         preamble.refuse(stream, "this peer runs `tete-tunnel pipe` and serves nothing else")
 
 
-async def _pipe_over(
-    session: Session, is_opener: bool, stdin_fd: int, stdout_fd: int, status: _Status
-) -> None:
-    try:
-        async with asyncio.TaskGroup() as tg:
-            stream = await _open_pipe(session, is_opener)
-            refuser = tg.create_task(_refuse_streams(session))
-            try:
-                await run_pipe(stream, stdin_fd, stdout_fd, status)
-                await stream.wait_delivered()  # only then may the session go away
-            finally:
-                refuser.cancel()
-    except BaseExceptionGroup as group:
-        raise _most_telling(group) from None
+class PipeApp:
+    """The application of `tete-tunnel pipe`, for the supervisor."""
 
+    reconnect = False
 
-async def pipe_command(config: LinkConfig, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
-    """The whole `tete-tunnel pipe`: link up, one stream both ways, close in order."""
-    with Signals() as signals:
+    def __init__(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self._interrupted: asyncio.Event | None = None
+        self.received = 0
+        self.sent = 0
+
+    async def prepare(self) -> None:
+        self._interrupted = asyncio.Event()
+
+    def interrupt(self) -> None:
+        assert self._interrupted is not None
+        self._interrupted.set()
+
+    async def close(self) -> None:
+        pass
+
+    async def run(self, session: Session, link: SecureLink) -> Ending:
+        assert self._interrupted is not None
+        interrupted = asyncio.ensure_future(self._interrupted.wait())
+        refuser: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream: Stream | None = None
         try:
-            link = await signals.interruptible(establish(config))
-        except Interrupted:
-            raise TeteError("interrupted before the peer was connected") from None
-        status = _Status()
-        async with Session(
-            link.carrier, client=link.is_tls_client, keepalive=config.keepalive
-        ) as session:
-            try:
-                await signals.interruptible(
-                    _pipe_over(session, link.is_tls_client, stdin_fd, stdout_fd, status)
-                )
-            except Interrupted:
-                await session.close()
-                logmod.event("Closed connection")
-                return
-            except PeerLeft:
-                if not status.peer_done:
-                    logmod.event("Peer closed connection")
-                return
-            await session.close()
-        if session.error is not None:
-            raise session.error
-        logmod.event("Closed connection")
+            opening = asyncio.ensure_future(open_pipe(session, link))
+            await asyncio.wait([opening, interrupted], return_when=asyncio.FIRST_COMPLETED)
+            if not opening.done():
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+                raise TransferAborted("interrupted before the transfer began")
+            stream = opening.result()
+            refuser = asyncio.ensure_future(_refuse_streams(session))  # after ours is taken
+            await self._transfer(stream, interrupted)
+        except BaseException:
+            # Never a receipt for a transfer that did not complete: reset, CANCELLED.
+            if stream is not None:
+                stream.reset()
+            await session.close(GoAwayCode.CANCELLED, linger=LINGER)
+            raise
+        finally:
+            for task in (refuser, interrupted):
+                task.cancel()
+            await asyncio.gather(refuser, interrupted, return_exceptions=True)
+        # Both directions are done here: our go-away is our receipt, the peer's is its.
+        await session.close(linger=LINGER if self._interrupted.is_set() else None)
+        if session.peer_confirmed:
+            return Ending.BY_US
+        cause = f" ({session.error.cause})" if session.error is not None else ""
+        raise TransferAborted(f"the peer did not confirm that it took all of our data{cause}")
+
+    async def _transfer(self, stream: Stream, interrupted: asyncio.Future[bool]) -> None:
+        """Both directions, until both have ended in order; raises on anything else."""
+        source, sink = StdinSource(self.stdin_fd), StdoutSink(self.stdout_fd)
+        terminal = os.isatty(self.stdin_fd)
+        sending = asyncio.ensure_future(self._send(source, stream))
+        receiving = asyncio.ensure_future(self._receive(stream, sink))
+        waiting: set[asyncio.Future] = {sending, receiving, interrupted}
+        try:
+            while not (sending.done() and receiving.done()):
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done & {sending, receiving}:
+                    task.result()  # a failure ends the transfer here
+                if receiving.done() and terminal and not sending.done():
+                    # A person at a prompt: the peer's data has ended, so has the session.
+                    sending.cancel()
+                    await asyncio.gather(sending, return_exceptions=True)
+                    stream.write_eof()
+                    break
+                if interrupted in done:
+                    waiting.discard(interrupted)
+                    if not await self._finishes_by_itself(source, sending, receiving):
+                        raise TransferAborted(self._interrupted_message(stream))
+            await stream.wait_closed()  # our data and FIN are out before the go-away
+        finally:
+            source.stop()
+            for task in (sending, receiving):
+                task.cancel()
+            await asyncio.gather(sending, receiving, return_exceptions=True)
+
+    async def _finishes_by_itself(
+        self, source: StdinSource, sending: asyncio.Future[None], receiving: asyncio.Future[None]
+    ) -> bool:
+        """After a signal: is the transfer about to end in order anyway (ssh's logout)?"""
+        if not source.at_eof_now() and not sending.done():
+            return False
+        await asyncio.wait([sending, receiving], timeout=SIGNAL_GRACE)
+        return sending.done() and receiving.done()
+
+    def _interrupted_message(self, stream: Stream) -> str:
+        theirs = "complete" if stream.peer_ended else f"{self.received} bytes so far"
+        return (
+            f"interrupted: the transfer was cut short ({self.sent} bytes sent, peer's data "
+            f"{theirs}); the peer was told"
+        )
+
+    async def _send(self, source: StdinSource, stream: Stream) -> None:
+        try:
+            while chunk := await source.read():
+                stream.write(chunk)
+                self.sent += len(chunk)
+                await stream.drain()
+            stream.write_eof()
+        except StreamReset as exc:
+            raise self._reset_by_peer(stream) from exc
+
+    async def _receive(self, stream: Stream, sink: StdoutSink) -> None:
+        try:
+            while chunk := await stream.read(CHUNK):
+                await sink.write(chunk)
+                self.received += len(chunk)
+        except (StreamReset, Closed, LinkBroken) as exc:
+            with contextlib.suppress(TeteError):
+                await sink.close()  # what did arrive is written out
+            if isinstance(exc, StreamReset):
+                raise self._reset_by_peer(stream) from exc
+            if isinstance(exc, Closed):
+                raise TransferAborted(
+                    "the peer closed the session before its data ended "
+                    f"(after {self.received} bytes)"
+                ) from exc
+            raise
+        await sink.close()
+        logmod.event("Peer closed connection")
+
+    def _reset_by_peer(self, stream: Stream) -> TransferAborted:
+        if stream.peer_ended:
+            return TransferAborted(
+                "the peer did not take all of our data (it was interrupted, or its output "
+                f"was closed); {self.sent} bytes were sent"
+            )
+        return TransferAborted(
+            f"the peer aborted the transfer: its data ended early, after {self.received} bytes"
+        )

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
+import math
 import socket
+from dataclasses import dataclass, field
 
-import psutil
-
-from tete_tunnel.errors import PunchError, UsageError
+from tete_tunnel.errors import PunchError
+from tete_tunnel.net import endpoint, family_of, ip_version, port_holder, same_ip, unmapped
 
 log = logging.getLogger("tete_tunnel")
 
 ATTEMPT_TIMEOUT = 3.0  # one dial; the kernel retransmits the SYN at 1 s and 3 s within it
 RETRY_PAUSE = 0.2  # after a refused or failed dial: quick enough to catch the peer's SYN
+# Successive failed dials wait longer, up to this: a peer that is away for long (a restart,
+# a reconnect) costs a few dials a minute, and both sides' attempts still overlap.
+MAX_RETRY_PAUSE = 2.0
 LISTEN_BACKLOG = 8  # only the peer is wanted; strangers are closed at once
 
 # Dial failures that only mean "not yet": the peer is not up, its NAT refused or dropped
@@ -44,58 +47,6 @@ RETRY_ERRNOS = frozenset(
     }
 )
 CONNECTED_ERRNOS = frozenset({0, errno.EISCONN})
-
-
-def endpoint(ip: str, port: int) -> str:
-    """`1.2.3.4:5` or `[::1]:5`, as people write them."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def family_of(ip: str) -> socket.AddressFamily:
-    try:
-        return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-    except ValueError:
-        raise UsageError(f"not an IP address: {ip!r}") from None
-
-
-def same_ip(a: str, b: str) -> bool:
-    """Compare addresses as numbers (IPv4-mapped IPv6 equals its IPv4; scope ids ignored)."""
-    x = ipaddress.ip_address(a.split("%", 1)[0])
-    y = ipaddress.ip_address(b.split("%", 1)[0])
-    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped:
-        x = x.ipv4_mapped
-    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped:
-        y = y.ipv4_mapped
-    return x == y
-
-
-def is_local_address(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    if addr.is_loopback or addr.is_unspecified:
-        return True
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6):
-                try:
-                    if same_ip(a.address, ip):
-                        return True
-                except ValueError:
-                    continue
-    return False
-
-
-def port_holder(port: int) -> str | None:
-    """Name the process that holds a local TCP port, if the OS lets us see it."""
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.pid:
-                try:
-                    return f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
-                except psutil.Error:
-                    return f"pid {conn.pid}"
-    except (psutil.Error, OSError):
-        return None
-    return None
 
 
 def _bound_socket(family: socket.AddressFamily, port: int) -> socket.socket:
@@ -123,6 +74,17 @@ def _bound_socket(family: socket.AddressFamily, port: int) -> socket.socket:
     return sock
 
 
+def listen(family: socket.AddressFamily, port: int) -> socket.socket:
+    """The listening half of punching, on the port we also dial from."""
+    listener = _bound_socket(family, port)
+    try:
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
     loop = asyncio.get_running_loop()
     err = sock.connect_ex(address)
@@ -142,20 +104,27 @@ async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
         raise OSError(err, errno.errorcode.get(err, str(err)))
 
 
-class _Attempts:
-    """What went wrong so far, to explain a failure at the deadline."""
+@dataclass
+class Attempts:
+    """What punching saw so far, across calls, to explain a failure at the deadline."""
 
-    def __init__(self) -> None:
-        self.dials = 0
-        self.last_error = "no answer"
+    dials: int = 0
+    last_error: str = "no answer"
+    failures_in_a_row: int = 0  # dials since the last one that connected
+    strangers: dict[str, int] = field(default_factory=dict)  # other addresses that came
+
+    def pause(self) -> float:
+        """How long to wait before the next dial: doubling from RETRY_PAUSE to the cap."""
+        return min(MAX_RETRY_PAUSE, RETRY_PAUSE * 2 ** min(self.failures_in_a_row - 1, 8))
 
 
 async def _dial_loop(
-    family: socket.AddressFamily, local_port: int, peer: tuple[str, int], attempts: _Attempts
+    family: socket.AddressFamily, local_port: int, peer: tuple[str, int], attempts: Attempts
 ) -> socket.socket:
     while True:
         sock = _bound_socket(family, local_port)
         attempts.dials += 1
+        attempts.failures_in_a_row += 1
         try:
             async with asyncio.timeout(ATTEMPT_TIMEOUT):
                 await _connect(sock, peer)
@@ -173,17 +142,25 @@ async def _dial_loop(
             raise
         else:
             log.info("connected by dialing %s", endpoint(*peer))
+            attempts.failures_in_a_row = 0
             return sock
         sock.close()  # still in SYN_SENT or failed: closing sends no RST on a live 4-tuple
-        await asyncio.sleep(RETRY_PAUSE)
+        await asyncio.sleep(attempts.pause())
 
 
-async def _accept_loop(listener: socket.socket, peer: tuple[str, int]) -> socket.socket:
+async def _accept_loop(
+    listener: socket.socket, peer: tuple[str, int], attempts: Attempts
+) -> socket.socket:
     loop = asyncio.get_running_loop()
     while True:
         conn, addr = await loop.sock_accept(listener)
         if not same_ip(addr[0], peer[0]):
-            log.info("ignored a connection from %s (not the peer's address)", endpoint(*addr[:2]))
+            seen = attempts.strangers.get(addr[0], 0)
+            attempts.strangers[addr[0]] = seen + 1
+            if not seen:
+                log.info(
+                    "ignored a connection from %s (not the peer's address)", endpoint(*addr[:2])
+                )
             conn.close()
             continue
         if addr[1] != peer[1]:
@@ -194,29 +171,41 @@ async def _accept_loop(listener: socket.socket, peer: tuple[str, int]) -> socket
         return conn
 
 
-async def punch(peer_ip: str, peer_port: int, local_port: int, deadline: float) -> socket.socket:
+async def punch(
+    peer_ip: str,
+    peer_port: int,
+    local_port: int,
+    deadline: float | None,
+    attempts: Attempts | None = None,
+    listener: socket.socket | None = None,
+) -> socket.socket:
     """Return a connected non-blocking socket to the peer, or raise PunchError at `deadline`.
 
-    `deadline` is in the running loop's clock (`loop.time()`).
+    `deadline` is in the running loop's clock (`loop.time()`); None: no deadline. Pass the
+    same `attempts` to successive calls so that dials are counted and paced across them, and
+    a `listener` from `listen()` to keep listening between calls (else one is made here).
     """
     family = family_of(peer_ip)
     peer = (peer_ip, peer_port)
-    attempts = _Attempts()
-    listener = _bound_socket(family, local_port)
+    attempts = attempts if attempts is not None else Attempts()
+    own_listener = listener is None
+    if listener is None:
+        listener = listen(family, local_port)
     tasks: list[asyncio.Task[socket.socket]] = []
     try:
-        listener.listen(LISTEN_BACKLOG)
         tasks = [
-            asyncio.create_task(_accept_loop(listener, peer)),
+            asyncio.create_task(_accept_loop(listener, peer, attempts)),
             asyncio.create_task(_dial_loop(family, local_port, peer, attempts)),
         ]
-        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        timeout = None if deadline is None else max(0.0, deadline - now)
         await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        listener.close()
+        if own_listener:
+            listener.close()
     winners = [r for r in results if isinstance(r, socket.socket)]
     for loser in winners[1:]:
         loser.close()
@@ -229,22 +218,39 @@ async def punch(peer_ip: str, peer_port: int, local_port: int, deadline: float) 
         sock = winners[0]
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    raise PunchError(
-        f"could not connect to the peer at {endpoint(peer_ip, peer_port)} "
-        f"from local port {local_port} in time "
-        f"({attempts.dials} dials, last: {attempts.last_error}). "
-        "Likely causes: the peer has not started (both sides must run within "
+    raise PunchError(no_peer_message(peer_ip, peer_port, local_port, attempts))
+
+
+def no_peer_message(peer_ip: str, peer_port: int, local_port: int, attempts: Attempts) -> str:
+    """Why punching found no peer, with the most likely mistake first."""
+    where = endpoint(peer_ip, peer_port)
+    dials = f"{attempts.dials} dial{'s' if attempts.dials != 1 else ''}"
+    text = (
+        f"could not connect to the peer at {where} from local port {local_port} in time "
+        f"({dials}, last: {attempts.last_error})."
+    )
+    other_family = [ip for ip in attempts.strangers if ip_version(ip) != ip_version(peer_ip)]
+    if other_family:
+        return (
+            f"{text} Connections came from {unmapped(other_family[0])} instead: IPv4 on one "
+            "side and IPv6 on the other? Give both sides addresses of the same IP version "
+            "(--peer-ip)"
+        )
+    return (
+        f"{text} Likely causes: the peer has not started (both sides must run within "
         "the --timeout), a wrong --peer-ip or --rport (they are the peer's public "
         "address and its --lport), or a NAT that changes ports (symmetric NAT), "
         "which direct punching cannot pass"
     )
 
 
-def enable_keepalive(
-    sock: socket.socket, idle: int = 15, interval: int = 5, count: int = 3
-) -> None:
-    """TCP keepalive so a dead peer or a dropped NAT mapping is noticed (after ~30 s)."""
+def tune_link_socket(sock: socket.socket, interval: float, timeout: float) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT matching the application's keepalive, so the
+    kernel also gives up on a peer that stopped acknowledging within `timeout`."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, round(interval))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, math.ceil(timeout / idle)))
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))

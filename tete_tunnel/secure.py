@@ -66,6 +66,7 @@ class Auth:
 @dataclass
 class SecureLink:
     carrier: Carrier  # the TLS transport, for the session to take over
+    peer_fingerprint: bytes
     peer_id: str
     is_tls_client: bool
     mode: Mode
@@ -127,7 +128,7 @@ def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(identity.path))
+    identity.load_into(ctx)  # the key as it was checked at load, not the path again
     ctx.load_verify_locations(cadata=peer_der)  # the peer's certificate is the only anchor
     ctx.set_alpn_protocols([ALPN])
     return ctx
@@ -171,6 +172,8 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
     peer_fp = fingerprint(peer_der)
     peer_id = format_id(peer_fp)
     their_hello = msg.HEADER.pack(msg.MAGIC, msg.VERSION, kind, len(body)) + body
+    if hmac.compare_digest(their_hello, my_hello):  # our own nonce commitment: an echo
+        raise msg.NotAPeer("it sent back exactly what we sent (an echo service?)")
 
     if hmac.compare_digest(peer_fp, my_fp):
         await _refuse(sock, msg.RefuseReason.SAME_IDENTITY)
@@ -247,6 +250,7 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
         raise
     return SecureLink(
         carrier=carrier,
+        peer_fingerprint=peer_fp,
         peer_id=peer_id,
         is_tls_client=not server_side,
         mode=auth.mode,

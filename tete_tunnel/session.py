@@ -6,20 +6,45 @@ once per loop turn, in large batches (the core puts control frames first and tak
 across streams), and stop while the transport's buffer is full. Received data goes to the
 stream's buffer, bounded by the window we granted, or straight to a consumer (splice), so
 no stream can hold up the others.
+
+Two rules hold the session together:
+- Only the link ends a session: a TLS/TCP error, a protocol violation, an unanswered
+  keepalive, or the orderly exchange of go-aways. Anything raised while handling one stream
+  (its consumer, its TCP connection) resets that stream, logs one line, and the session goes
+  on (`_contain`).
+- How it ended is decided in one place, `_finish`: `error` is None for an orderly close, or
+  a `LinkBroken` subclass that names the cause.
+
+An orderly close is an exchange: each side sends go-away when it is done with the session
+(for `pipe`: when it has delivered everything it received), and the link is closed once both
+have. A peer's go-away is therefore also its receipt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
+import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from tete_tunnel.carrier import Carrier
-from tete_tunnel.errors import LinkLost, TeteError
+from tete_tunnel.errors import (
+    Closed,
+    LinkBroken,
+    LocalFailure,
+    PeerAborted,
+    PeerUnresponsive,
+    PeerViolation,
+    StreamReset,
+    TeteError,
+)
 from tete_tunnel.mux import events as ev
 from tete_tunnel.mux.connection import Config, Connection
 from tete_tunnel.mux.errors import GoAwayCode, LocalProtocolError
@@ -30,17 +55,27 @@ READ_BUFFER = 1024 * 1024  # one TLS read lands here, and is parsed in place
 WRITE_BATCH = 512 * 1024  # bytes per transport write: large frames, full TLS records
 TRANSPORT_HIGH_WATER = 512 * 1024  # the link transport's buffer before we stop writing
 STREAM_HIGH_WATER = 256 * 1024  # a stream writer's drain() waits while more is queued
-LINGER = 2.0  # after our go-away, how long we wait for the peer to close first
-KEEPALIVE_INTERVAL = 10.0
-KEEPALIVE_TIMEOUT = 30.0
+# Bytes written by the application and not yet sent, all streams together. Past it, a
+# stream may hold only STREAM_HIGH_WATER_TIGHT: streams whose data the peer does not take
+# (a hostile or stuck peer) cannot pile up memory, while streams that drain keep moving.
+SEND_BUDGET = 64 * 1024 * 1024
+STREAM_HIGH_WATER_TIGHT = 64 * 1024
+LINGER = 2.0  # after our go-away, how long close() waits for the peer's by default
+ABUSE_REPORT_INTERVAL = 5.0  # refused opens are logged as one line per interval at most
 
 
-class PeerLeft(Exception):
-    """The peer said go-away and closed: an orderly end, not an error."""
+@dataclass(frozen=True)
+class Keepalive:
+    """Application pings: one every `interval` s; no pong for `timeout` s means dead."""
+
+    interval: float = 15.0
+    timeout: float = 45.0
 
 
-class StreamReset(TeteError):
-    pass
+def mux_config(keepalive: Keepalive | None) -> Config:
+    if keepalive is None:
+        return Config()
+    return Config(keepalive_interval=keepalive.interval, keepalive_timeout=keepalive.timeout)
 
 
 class Consumer(Protocol):
@@ -102,6 +137,11 @@ class Stream:
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
 
+    @property
+    def peer_ended(self) -> bool:
+        """The peer's FIN arrived: its data is complete (whatever is still buffered)."""
+        return self._eof
+
     def attach(self, consumer: Consumer) -> None:
         """From now on, incoming data goes to `consumer`; it grants credit with credit()."""
         self._consumer = consumer
@@ -129,8 +169,13 @@ class Stream:
     def write_buffered(self) -> int:
         return self._session.conn.send_buffered(self.id)
 
+    @property
+    def write_blocked(self) -> bool:
+        """More is queued than this stream may hold now: stop writing until on_drained."""
+        return self.write_buffered > self._session._stream_high_water()
+
     async def drain(self) -> None:
-        while self.write_buffered > STREAM_HIGH_WATER:
+        while self.write_blocked:
             if self._error is not None:
                 raise self._error
             self._drained.clear()
@@ -159,10 +204,16 @@ class Stream:
         self._discard = True
 
     async def wait_closed(self) -> None:
+        """Until both directions have ended (or the stream was reset)."""
         await self._closed.wait()
 
     def is_closing(self) -> bool:
         return self._eof_sent or self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the stream ended early (reset, or the session ended), if it did."""
+        return self._error
 
     # -- called by the session ----------------------------------------------------------
 
@@ -188,13 +239,14 @@ class Stream:
             self.on_drained()
 
     def _fail(self, error: BaseException, notify: bool = True) -> None:
-        if self._error is None:
+        first = self._error is None
+        if first:
             self._error = error
-            if notify and self._consumer is not None and not self._eof:
-                self._consumer.stream_error(error)
         self._readable.set()
         self._drained.set()
         self._closed.set()
+        if first and notify and self._consumer is not None and not self._eof:
+            self._consumer.stream_error(error)
 
 
 class _LinkProtocol(asyncio.BufferedProtocol):
@@ -225,23 +277,25 @@ class _LinkProtocol(asyncio.BufferedProtocol):
         self._session._schedule_flush()
 
 
-class Session:
-    """Owns the link while in use (`async with`), and the timer that keeps it alive."""
+def link_error(exc: BaseException | None) -> LinkBroken:
+    """Name the cause of a transport's end that came without an orderly close."""
+    if exc is None:
+        return PeerAborted("it closed without saying goodbye")
+    if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+        return PeerUnresponsive("TCP gave up: the peer acknowledged nothing in time")
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return PeerAborted(f"the connection was reset ({exc.strerror or exc})")
+    if isinstance(exc, OSError) and exc.strerror:
+        return LocalFailure(f"[Errno {exc.errno}] {exc.strerror}")
+    return LocalFailure(str(exc) or type(exc).__name__)
 
-    def __init__(
-        self,
-        carrier: Carrier,
-        *,
-        client: bool,
-        config: Config | None = None,
-        keepalive: bool = False,
-    ) -> None:
-        if config is None:
-            config = Config(
-                keepalive_interval=KEEPALIVE_INTERVAL if keepalive else None,
-                keepalive_timeout=KEEPALIVE_TIMEOUT,
-            )
-        self.conn = Connection(client=client, config=config)
+
+class Session:
+    """Owns the link while in use (`async with`), the timer that keeps it alive, and how
+    it ended (`error`: None while up or after an orderly close)."""
+
+    def __init__(self, carrier: Carrier, *, client: bool, config: Config | None = None) -> None:
+        self.conn = Connection(client=client, config=config or Config())
         self._carrier = carrier
         assert carrier.transport is not None
         self._transport: asyncio.Transport = carrier.transport
@@ -251,14 +305,15 @@ class Session:
         self._incoming_ready = asyncio.Event()  # set when a stream arrives or the session ends
         self._writing_paused = False
         self._flush_scheduled = False
-        self._pending_finish: tuple[BaseException | None] | None = None
+        self._pending_finish: tuple[LinkBroken | None] | None = None
         self._dirty: set[int] = set()  # streams written since the last flush
         self._idle = asyncio.Event()  # nothing left to write, or the session has ended
-        self._peer_gone = asyncio.Event()  # the connection's far end has closed
         self._timer: asyncio.Task[None] | None = None
+        self._reported = (0, 0)  # refused/throttled opens already logged
+        self._next_report = 0.0
         self.ended = asyncio.Event()
-        self.error: BaseException | None = None  # why the session ended, if not orderly
-        self.peer_left = False
+        self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
+        self.error: LinkBroken | None = None  # why the session ended, if not in order
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -273,7 +328,7 @@ class Session:
             self._on_data(memoryview(bytes(carrier.buffer)))
             carrier.buffer.clear()
         if carrier.closed:
-            self._on_lost(carrier.error)  # type: ignore[arg-type]
+            self._on_lost(carrier.error)
         elif carrier.eof:
             self._on_eof()
         self._schedule_flush()
@@ -289,40 +344,51 @@ class Session:
             if exc is None:
                 await self.close()
             else:
-                self._finish(exc if isinstance(exc, Exception) else LinkLost("cancelled"))
+                self.abort(LocalFailure(f"our side gave up ({exc!r})"))
         finally:
             if self._timer is not None:
                 self._timer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._timer
 
-    async def close(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
-        """Orderly end: go away, flush, let the peer close first (no RST), then close."""
+    @property
+    def peer_confirmed(self) -> bool:
+        """The peer closed in order: it sent go-away, so it is done and took what we sent."""
+        return self.peer_closing.is_set()
+
+    async def close(
+        self, code: GoAwayCode = GoAwayCode.NORMAL, linger: float | None = LINGER
+    ) -> None:
+        """Orderly end: go-away behind what is queued, wait for the peer's go-away (at most
+        `linger` seconds; None: as long as the link lives), then close the link. NORMAL
+        says we are done and took everything we were sent; CANCELLED that we did not.
+
+        Streams still open end with the session (the peer sees them fail, not end cleanly):
+        callers that want a stream's data delivered wait for it to close first.
+        """
         if self.ended.is_set():
             return
-        # The peer takes go-away as the end of everything: streams still open end there
-        # without a clean EOF (it sees PeerLeft), and data still queued on them is dropped.
-        # Callers that want a stream's data delivered wait for it to close first.
         self.conn.go_away(code)
-        self._schedule_flush()
+        if self.peer_closing.is_set():
+            self._finish_after_flush(None)
+        else:
+            self._schedule_flush()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LINGER):
-                await self._idle.wait()  # the go-away is out
-                if not self.conn.remote_goaway:
-                    await self._peer_gone.wait()
+            async with asyncio.timeout(linger):
+                await self.ended.wait()
         self._finish(None)
 
-    def _finish(self, error: BaseException | None) -> None:
-        """End the session now: fail streams, stop the timer, drop the transport."""
+    def abort(self, error: LinkBroken) -> None:
+        """End now, abortively (RST): a link declared dead must not linger half-open."""
+        self._finish(error)
+
+    def _finish(self, error: LinkBroken | None) -> None:
+        """The one place a session ends: fail the streams, stop the timer, drop the link."""
         if self.ended.is_set():
             return
-        if error is not None and self.error is None:
-            self.error = error
-        failure: BaseException = (
-            error if error is not None else (PeerLeft() if self.peer_left else LinkLost("closed"))
-        )
-        for stream in list(self._streams.values()):
-            stream._fail(failure)
+        self.error = error
+        failure: TeteError = error if error is not None else Closed("the session was closed")
+        streams = list(self._streams.values())
         self._streams.clear()
         self.ended.set()
         self._idle.set()
@@ -332,7 +398,10 @@ class Session:
         if error is None:
             self._transport.close()  # close_notify after what is buffered
         else:
-            self._transport.abort()
+            log.debug("session ended: %s", error)
+            _abort_transport(self._transport)
+        for stream in streams:
+            self._contain(stream, stream._fail, failure)
 
     async def wait_ended(self) -> None:
         """Until the session ends; raises why if it was not orderly."""
@@ -344,7 +413,7 @@ class Session:
 
     def open_stream(self) -> Stream:
         if self.ended.is_set():
-            raise self.error or LinkLost("the session has ended")
+            raise self.error or Closed("the session has ended")
         try:
             stream_id = self.conn.open_stream()
         except LocalProtocolError as exc:
@@ -354,10 +423,16 @@ class Session:
         return stream
 
     async def accept(self) -> Stream:
-        """The next stream the peer opened (its ACK goes out now)."""
+        """The next stream the peer opened (its ACK goes out now).
+
+        Raises Closed once the peer is leaving in order (it opens nothing more) or the
+        session has closed, and the LinkBroken error if it broke.
+        """
         while not self._incoming:
             if self.ended.is_set():
-                raise self.error or (PeerLeft() if self.peer_left else LinkLost("session ended"))
+                raise self.error or Closed("the session has ended")
+            if self.peer_closing.is_set():
+                raise Closed("the peer closed the session")
             self._incoming_ready.clear()
             await self._incoming_ready.wait()
         stream = self._incoming.popleft()
@@ -365,6 +440,11 @@ class Session:
             self.conn.accept_stream(stream.id)
             self._schedule_flush()
         return stream
+
+    def _stream_high_water(self) -> int:
+        if self.conn.queued_bytes > SEND_BUDGET:
+            return STREAM_HIGH_WATER_TIGHT
+        return STREAM_HIGH_WATER
 
     def _send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -398,6 +478,20 @@ class Session:
             if stream is not None:
                 stream._closed.set()
 
+    def _contain(
+        self, stream: Stream, callback: Callable[[BaseException], None] | Callable[[], None], *args
+    ) -> None:
+        """Run one stream's callback; whatever it raises resets that stream, not the link."""
+        try:
+            callback(*args)
+        except Exception as exc:
+            log.warning("stream %d failed and was reset: %s", stream.id, _describe(exc))
+            log.debug("stream %d failure", stream.id, exc_info=True)
+            with contextlib.suppress(Exception):
+                if not self.ended.is_set():
+                    self._reset(stream.id)
+                stream._fail(StreamReset(f"stream {stream.id} failed: {_describe(exc)}"))
+
     # -- transport callbacks ------------------------------------------------------------
 
     def _on_data(self, data: memoryview) -> None:
@@ -409,31 +503,22 @@ class Session:
             self._schedule_flush()
 
     def _on_eof(self) -> None:
-        self._peer_gone.set()
-        if self.conn.local_goaway or self.conn.remote_goaway:
-            self._finish(None)
-        else:
-            self._lost("connection to peer lost: it closed without saying goodbye")
+        self._on_lost(None)
 
     def _on_lost(self, exc: BaseException | None) -> None:
-        self._peer_gone.set()
         if self.ended.is_set():
             return
-        if exc is None and (self.conn.local_goaway or self.conn.remote_goaway):
-            self._finish(None)
+        if exc is None and self.peer_closing.is_set():
+            self._finish(None)  # it said goodbye, then closed
         else:
-            self._lost(f"connection to peer lost: {exc or 'it closed without saying goodbye'}")
-
-    def _lost(self, reason: str) -> None:
-        log.debug("session lost: %s", reason)
-        self._finish(LinkLost(reason))
+            self._finish(link_error(exc))
 
     def _dispatch(self, events: list[ev.Event]) -> None:
         for event in events:
             if isinstance(event, ev.DataReceived):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream._data(event.data)
+                    self._contain(stream, stream._data, event.data)
             elif isinstance(event, ev.StreamOpened):
                 stream = self._streams[event.stream_id] = Stream(self, event.stream_id)
                 self._incoming.append(stream)
@@ -441,30 +526,34 @@ class Session:
             elif isinstance(event, ev.StreamEnded):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream._ended()
+                    self._contain(stream, stream._ended)
             elif isinstance(event, ev.StreamReset):
                 stream = self._streams.pop(event.stream_id, None)
                 if stream is not None:
-                    stream._fail(StreamReset(f"stream {event.stream_id} reset by the peer"))
+                    reset = StreamReset(f"stream {event.stream_id} reset by the peer")
+                    self._contain(stream, stream._fail, reset)
             elif isinstance(event, ev.PongReceived):
                 log.debug("pong: rtt %.2f ms", event.rtt * 1000)
             elif isinstance(event, ev.GoAwayReceived):
-                # Our peers send go-away only when ending the whole session (see
-                # docs/PROTOCOL.md), so its streams end here too, after what arrived.
-                self.peer_left = True
-                if event.error_code != GoAwayCode.NORMAL:
-                    log.warning("the peer ended the session: error code %d", event.error_code)
-                    self._finish_after_flush(
-                        LinkLost(f"the peer ended the session with error code {event.error_code}")
-                    )
+                if event.error_code == GoAwayCode.NORMAL:
+                    self.peer_closing.set()
+                    self._incoming_ready.set()
+                    if self.conn.local_goaway:
+                        self._finish_after_flush(None)
                 else:
-                    self._finish_after_flush(None)
+                    name = _GOAWAY_NAMES.get(event.error_code, "unknown")
+                    self._finish_after_flush(
+                        PeerAborted(
+                            f"the peer ended the session with error code {event.error_code} "
+                            f"({name})"
+                        )
+                    )
             elif isinstance(event, ev.ConnectionTerminated):
-                log.warning("error: %s; closing the session", event.reason)
-                self._finish_after_flush(LinkLost(f"protocol error: {event.reason}"))
+                self._finish_after_flush(PeerViolation(f"protocol error: {event.reason}"))
 
-    def _finish_after_flush(self, error: BaseException | None) -> None:
-        self._pending_finish = (error,)
+    def _finish_after_flush(self, error: LinkBroken | None) -> None:
+        if self._pending_finish is None:
+            self._pending_finish = (error,)
         self._schedule_flush()
 
     # -- writing ----------------------------------------------------------------------
@@ -484,13 +573,14 @@ class Session:
         while not self._writing_paused and conn.has_data_to_send():
             transport.write(b"".join(conn.data_to_send(WRITE_BATCH)))
         self._reap()
+        high_water = self._stream_high_water()
         for stream_id in list(self._dirty):
             stream = self._streams.get(stream_id)
             if stream is None:
                 self._dirty.discard(stream_id)
-            elif stream.write_buffered <= STREAM_HIGH_WATER:
+            elif stream.write_buffered <= high_water:
                 self._dirty.discard(stream_id)
-                stream._writable()
+                self._contain(stream, stream._writable)
         if not self._writing_paused and not conn.has_data_to_send():
             self._idle.set()
             if self._pending_finish is not None:
@@ -504,9 +594,61 @@ class Session:
             when = self.conn.get_timer()
             delay = 1.0 if when is None else min(1.0, max(0.0, when - self._loop.time()))
             await asyncio.sleep(delay)
-            for event in self.conn.handle_timer(self._loop.time()):
+            now = self._loop.time()
+            for event in self.conn.handle_timer(now):
                 if isinstance(event, ev.ConnectionTerminated):
-                    self._lost(f"connection to peer lost: {event.reason}")
+                    self.abort(PeerUnresponsive(event.reason))
                     return
             if self.conn.has_data_to_send():
                 self._schedule_flush()
+            if now >= self._next_report:
+                self._report_abuse(now)
+
+    def _report_abuse(self, now: float) -> None:
+        """One line per interval for opens we refused, however many there were."""
+        refused, throttled = self.conn.refused_opens, self.conn.throttled_opens
+        new_refused, new_throttled = refused - self._reported[0], throttled - self._reported[1]
+        if not (new_refused or new_throttled):
+            return
+        self._reported = (refused, throttled)
+        self._next_report = now + ABUSE_REPORT_INTERVAL
+        config = self.conn.config
+        parts = []
+        if new_refused:
+            parts.append(
+                f"{new_refused} over the limit of {config.max_streams} open streams "
+                f"({config.max_pending_accepts} waiting)"
+            )
+        if new_throttled:
+            parts.append(
+                f"{new_throttled} over {config.max_open_rate:g} opens or "
+                f"{config.max_reset_rate:g} resets a second"
+            )
+        log.warning("refused streams the peer opened: %s", "; ".join(parts))
+
+
+_GOAWAY_NAMES = {
+    GoAwayCode.PROTOCOL_ERROR: "protocol error",
+    GoAwayCode.INTERNAL_ERROR: "internal error",
+    GoAwayCode.CANCELLED: "it was interrupted or could not finish",
+}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _abort_transport(transport: asyncio.BaseTransport) -> None:
+    """Close with RST (SO_LINGER 0): no half-dead 4-tuple is left in the kernel or a NAT."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        linger_zero(sock)
+    transport.abort()
+
+
+def linger_zero(sock: socket.socket) -> None:
+    """Make the next close send RST, as a refused, reset or dead connection should look."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -6,22 +6,24 @@ arrives (window credit is held back while that transport's buffer is full, which
 peer's sender). EOF on one side becomes FIN on the other and back; a reset becomes a reset.
 The opener of a stream first reads the peer's answer: a refusal resets the TCP connection at
 once, so a client is never left hanging.
+
+Every callback here runs inside a transport's or the session's dispatch; none may raise. A
+failure of one connection (a client that reset, a socket already shut) ends that connection
+and its stream, with `on_end(splice, error)` called once, and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
-import socket
 import struct
 from collections.abc import Callable
 
 from tete_tunnel import preamble
-from tete_tunnel.errors import TeteError
-from tete_tunnel.punch import endpoint
-from tete_tunnel.session import STREAM_HIGH_WATER, PeerLeft, Stream
+from tete_tunnel.errors import Closed, LinkBroken, TeteError
+from tete_tunnel.net import endpoint
+from tete_tunnel.session import Stream, linger_zero
 
 TCP_HIGH_WATER = 256 * 1024
 
@@ -30,34 +32,32 @@ class Refused(TeteError):
     """The peer refused to open what we asked for; the reason is its own words."""
 
 
-def _linger_zero(sock: socket.socket) -> None:
-    """Make the next close send RST, as a refused or reset connection should look."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 class OpenFailed(TeteError):
     """No stream could be opened for a new connection (e.g. the session is ending)."""
+
+
+class ConnectionEnded(TeteError):
+    """The TCP side of a splice reset or closed before both directions were done."""
 
 
 class Splice(asyncio.Protocol):
     """One TCP connection spliced to one stream; `on_end(self, error)` is called once.
 
-    `open_stream` is called when the TCP connection is made (so a listener can create these
-    without a task per connection); it returns the stream, with any request already written.
+    The TCP side is paused from `connection_made` until `start(stream)` gives it a stream,
+    so a listener may accept a connection before it has a link to carry it.
     """
 
     def __init__(
         self,
-        open_stream: Callable[[], Stream],
         *,
-        answer_pending: bool,
+        on_made: Callable[[Splice], None],
         on_end: Callable[[Splice, BaseException | None], None],
+        answer_pending: bool,
     ) -> None:
-        self._open_stream = open_stream
+        self._on_made = on_made
+        self.on_end = on_end
         self.stream: Stream | None = None
         self.answer: bytearray | None = bytearray() if answer_pending else None
-        self.on_end = on_end
         self.ended = False
         self.transport: asyncio.Transport | None = None
         self.up_done = False  # TCP EOF passed on as FIN
@@ -77,36 +77,57 @@ class Splice(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+        self.transport.pause_reading()  # until start() gives us a stream
+        self.reading_paused = True
         try:
-            self.stream = self._open_stream()
-        except (TeteError, PeerLeft) as exc:
-            self.fail(OpenFailed(str(exc) or "the session has ended"))
+            self._on_made(self)
+        except Exception as exc:
+            self.fail(OpenFailed(str(exc) or "no stream for the connection"))
+
+    def start(self, stream: Stream) -> None:
+        """Splice the connection to `stream` (its request, if any, is already written)."""
+        if self.ended:
+            stream.reset()
             return
-        self.stream.on_drained = self._stream_drained
-        self.stream.attach(self)
+        self.stream = stream
+        stream.on_drained = self._stream_drained
+        try:
+            stream.attach(self)
+            self._stream_drained()
+        except Exception as exc:
+            self.fail(exc)
 
     def data_received(self, data: bytes) -> None:
-        assert self.stream is not None
+        stream = self.stream
+        if stream is None or self.ended:
+            return
         try:
-            self.stream.write(data)
-        except (TeteError, PeerLeft) as exc:
+            stream.write(data)
+        except Exception as exc:
             self.fail(exc)
             return
-        if self.stream.write_buffered > STREAM_HIGH_WATER and not self.reading_paused:
+        if stream.write_blocked and not self.reading_paused:
             self.reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
 
     def _stream_drained(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if (
+            self.reading_paused
+            and transport is not None
+            and not transport.is_closing()
+            and self.stream is not None
+            and not self.stream.write_blocked
+        ):
             self.reading_paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()
 
     def eof_received(self) -> bool:
-        assert self.stream is not None
-        self.stream.write_eof()
-        self.up_done = True
-        self._check_done()
+        if self.stream is not None and not self.ended:
+            self.stream.write_eof()
+            self.up_done = True
+            self._check_done()
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -116,7 +137,7 @@ class Splice(asyncio.Protocol):
                 self.on_end(self, None)
             else:
                 reason = f"connection reset: {exc}" if exc else "connection closed early"
-                self.fail(TeteError(reason))
+                self.fail(ConnectionEnded(reason))
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -127,23 +148,23 @@ class Splice(asyncio.Protocol):
             self.stream.credit(self.owed)
             self.owed = 0
 
-    # -- stream side --------------------------------------------------------------------
+    # -- stream side (called from the session's dispatch) --------------------------------
 
     def stream_data(self, data: bytes) -> None:
-        assert self.stream is not None
+        stream, transport = self.stream, self.transport
+        assert stream is not None and transport is not None
         if self.answer is not None:
             data = self._take_answer(data)
             if not data:
                 return
-        assert self.transport is not None
-        if self.transport.is_closing():
-            self.stream.credit(len(data))
+        if self.ended or transport.is_closing():
+            stream.credit(len(data))
             return
-        self.transport.write(data)
+        transport.write(data)
         if self.writing_paused:
             self.owed += len(data)
         else:
-            self.stream.credit(len(data))
+            stream.credit(len(data))
 
     def _take_answer(self, data: bytes) -> bytes:
         """Collect the peer's answer; return the data behind it once it is complete."""
@@ -174,12 +195,19 @@ class Splice(asyncio.Protocol):
         return rest
 
     def stream_eof(self) -> None:
+        if self.ended:
+            return
         if self.answer is not None:
             self.fail(preamble.PreambleError("the stream ended before the peer's answer"))
             return
-        assert self.transport is not None
-        if self.transport.can_write_eof() and not self.transport.is_closing():
-            self.transport.write_eof()
+        transport = self.transport
+        assert transport is not None
+        if transport.can_write_eof() and not transport.is_closing():
+            try:
+                transport.write_eof()
+            except OSError as exc:  # the client is gone (ENOTCONN after its reset)
+                self.fail(ConnectionEnded(f"cannot pass on the end of data: {exc.strerror}"))
+                return
         self.down_done = True
         self._check_done()
 
@@ -196,19 +224,31 @@ class Splice(asyncio.Protocol):
         """Whichever side broke, the other learns at once: a reset each way."""
         if not self.ended:
             self.ended = True
-            self.on_end(self, error)
-        self.abort()
+            try:
+                self.on_end(self, error)
+            finally:
+                self.abort()
+        else:
+            self.abort()
 
     def abort(self) -> None:
         """Reset both sides; the owner has given up on this connection: no on_end after."""
         self.ended = True
-        if self.stream is not None:
-            self.stream.reset()
-        if self.transport is not None and not self.transport.is_closing():
-            sock = self.transport.get_extra_info("socket")
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.on_drained = None
+            stream.reset()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            sock = transport.get_extra_info("socket")
             if sock is not None:
-                _linger_zero(sock)
-            self.transport.abort()
+                linger_zero(sock)
+            transport.abort()
+
+
+def session_ended(error: BaseException | None) -> bool:
+    """The connection ended because its session did (that end is reported once, elsewhere)."""
+    return isinstance(error, (Closed, LinkBroken))
 
 
 class ConnectFailed(TeteError):
@@ -226,7 +266,7 @@ async def connect_and_splice(
 ) -> None:
     """Connect to the first address that answers, then `answer` the stream and splice.
 
-    Runs until both directions have ended; raises ConnectFailed, StreamReset, LinkLost, ...
+    Runs until both directions have ended; raises ConnectFailed, StreamReset, LinkBroken...
     The connection is made by the loop (one call: no per-socket set-up of our own).
     """
     loop = asyncio.get_running_loop()
@@ -239,11 +279,11 @@ async def connect_and_splice(
             else:
                 done.set_exception(error)
 
-    def accepted() -> Stream:
+    def made(splice: Splice) -> None:
         stream.write(answer)  # before any data of the target's
-        return stream
+        splice.start(stream)
 
-    protocol = Splice(accepted, answer_pending=False, on_end=on_end)
+    protocol = Splice(on_made=made, on_end=on_end, answer_pending=False)
     last: OSError | None = None
     for family, address in addresses:
         try:
