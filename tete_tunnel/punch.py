@@ -246,11 +246,20 @@ def no_peer_message(peer_ip: str, peer_port: int, local_port: int, attempts: Att
 
 def tune_link_socket(sock: socket.socket, interval: float, timeout: float) -> None:
     """TCP keepalive and TCP_USER_TIMEOUT matching the application's keepalive, so the
-    kernel also gives up on a peer that stopped acknowledging within `timeout`."""
+    kernel also gives up on a peer that stopped acknowledging.
+
+    The kernel's limit is one interval later than ours on purpose: our keepalive then
+    declares the link dead first and closes it with RST, which passes our own NAT and moves
+    its connection tracking out of ESTABLISHED. A socket the kernel gave up on sends no RST,
+    and a NAT that still holds the old 4-tuple as ESTABLISHED drops the SYNs of the next
+    punch from the same ports as invalid (Linux conntrack: SYN in the reply direction).
+    """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     idle = max(1, round(interval))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, math.ceil(timeout / idle)))
+    probes = max(1, math.ceil(timeout / idle) + 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+        limit = int((timeout + interval) * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, limit)

@@ -65,6 +65,9 @@ class Splice(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.owed = 0  # credit held back while the TCP transport is full
+        # What a loop delivers before start() despite pause_reading (uvloop may read once).
+        self._early: list[bytes] = []
+        self._early_eof = False
 
     @property
     def client(self) -> str:
@@ -93,13 +96,24 @@ class Splice(asyncio.Protocol):
         stream.on_drained = self._stream_drained
         try:
             stream.attach(self)
+            early, self._early = self._early, []
+            for data in early:
+                self.data_received(data)
+            if self._early_eof:
+                self.eof_received()
             self._stream_drained()
         except Exception as exc:
             self.fail(exc)
 
     def data_received(self, data: bytes) -> None:
         stream = self.stream
-        if stream is None or self.ended:
+        if stream is None:
+            if not self.ended:
+                self._early.append(data)  # at most one read: reading is paused
+                if self.transport is not None:
+                    self.transport.pause_reading()
+            return
+        if self.ended:
             return
         try:
             stream.write(data)
@@ -124,7 +138,10 @@ class Splice(asyncio.Protocol):
             transport.resume_reading()
 
     def eof_received(self) -> bool:
-        if self.stream is not None and not self.ended:
+        if self.stream is None:
+            self._early_eof = True
+            return True
+        if not self.ended:
             self.stream.write_eof()
             self.up_done = True
             self._check_done()

@@ -68,16 +68,22 @@ class App(Protocol):
 
 
 class Signals:
-    """Owns the handlers of INT, TERM and HUP while in use; a signal sets `stop`."""
+    """Owns the handlers of INT, TERM and HUP while in use; a signal sets `stop`.
 
-    def __init__(self) -> None:
-        self.stop = asyncio.Event()
+    Given an event of its own (tests running two supervisors in one process), it installs
+    no handlers and that event stands for the signals.
+    """
+
+    def __init__(self, stop: asyncio.Event | None = None) -> None:
+        self._own = stop is None
+        self.stop = stop if stop is not None else asyncio.Event()
         self.received: signal.Signals | None = None
         self._loop = asyncio.get_running_loop()
 
     def __enter__(self) -> Signals:
-        for sig in SIGNALS:
-            self._loop.add_signal_handler(sig, self._set, sig)
+        if self._own:
+            for sig in SIGNALS:
+                self._loop.add_signal_handler(sig, self._set, sig)
         return self
 
     def _set(self, sig: signal.Signals) -> None:
@@ -87,6 +93,8 @@ class Signals:
     def __exit__(self, *exc: object) -> None:
         # The work is over and we are on our way out: a late signal must not turn a clean
         # end into a KeyboardInterrupt or a kill.
+        if not self._own:
+            return
         for sig in SIGNALS:
             self._loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
@@ -118,10 +126,14 @@ async def supervise(
     *,
     timeout: float,  # noqa: ASYNC109  (the first link's deadline; later links have none)
     keepalive: Keepalive | None,
+    stop: asyncio.Event | None = None,
 ) -> Ending:
-    """Run `app` over links from `connector` until it ends; see the module docstring."""
+    """Run `app` over links from `connector` until it ends; see the module docstring.
+
+    `stop` stands for the signals when given (no handlers are installed then).
+    """
     loop = asyncio.get_running_loop()
-    with Signals() as signals:
+    with Signals(stop) as signals:
         try:
             await app.prepare()
             try:
