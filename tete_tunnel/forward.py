@@ -111,20 +111,20 @@ async def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class _Refusals:
-    """Connections refused by a listener: one log line per interval, with a count."""
+    """Connections a listener dropped: one log line per cause and interval, with a count."""
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.count = 0
-        self.next_report = 0.0
+        self.counts: dict[str, int] = {}
+        self.next_report: dict[str, float] = {}
 
     def add(self, why: str) -> None:
-        self.count += 1
+        count = self.counts[why] = self.counts.get(why, 0) + 1
         now = asyncio.get_running_loop().time()
-        if now >= self.next_report:
-            more = f" ({self.count} so far)" if self.count > 1 else ""
-            log.warning("%s: refused a connection: %s%s", self.label, why, more)
-            self.next_report = now + REFUSAL_REPORT_INTERVAL
+        if now >= self.next_report.get(why, 0.0):
+            more = f" ({count} so far)" if count > 1 else ""
+            log.warning("%s: dropped a connection: %s%s", self.label, why, more)
+            self.next_report[why] = now + REFUSAL_REPORT_INTERVAL
 
 
 class _Reject(asyncio.Protocol):
@@ -231,13 +231,7 @@ class Relay:
 
     def _gave_up(self, conn: Splice) -> None:
         self._waiting.pop(conn, None)
-        log.warning(
-            "%s: closed the connection from %s: no link to the peer for %g s",
-            self.label,
-            conn.client,
-            self._wait,
-        )
-        conn.fail(OpenFailed("no link to the peer"))
+        conn.fail(OpenFailed(f"no link to the peer for {self._wait:g} s"))
 
     def _open(self, conn: Splice, session: Session) -> None:
         try:
@@ -262,7 +256,7 @@ class Relay:
                 "%s: the peer refused the connection from %s: %s", self.label, conn.client, error
             )
         elif isinstance(error, OpenFailed):
-            log.warning("%s: %s; dropping the connection", self.label, error)
+            self._refusals.add(str(error))  # a burst is one line, with a count
         else:
             log.info("%s: connection from %s ended: %s", self.label, conn.client, error)
 
