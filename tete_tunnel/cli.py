@@ -26,6 +26,7 @@ from tete_tunnel.malloc import tune_malloc
 from tete_tunnel.secure import Auth
 from tete_tunnel.session import Keepalive
 from tete_tunnel.supervisor import App, supervise
+from tete_tunnel.text import safe_lines
 
 app = typer.Typer(
     name="tete-tunnel",
@@ -203,7 +204,7 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
             eventloop.run(coro)
     except TeteError as exc:
         if verbose >= 2:
-            traceback.print_exc()
+            print(safe_lines(traceback.format_exc()), end="", file=sys.stderr)
         log.error("error: %s", exc)
         if isinstance(exc, UsageError):
             print("Try 'tete-tunnel --help' for help.", file=sys.stderr)
@@ -212,7 +213,7 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
         raise typer.Exit(1) from None
     except Exception as exc:
         if verbose >= 2:
-            traceback.print_exc()
+            print(safe_lines(traceback.format_exc()), end="", file=sys.stderr)
         log.error("internal error (a bug; run with -vv for details): %r", exc)
         raise typer.Exit(1) from None
 

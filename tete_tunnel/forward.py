@@ -478,13 +478,18 @@ class Forwarder:
 
     async def _serve_listen(self, session: Session, stream: Stream, host: str, port: int) -> None:
         """Listen for the peer while its control stream is open; each connection goes back."""
-        refusal = self.policy.listen_refusal(host, port)
+        try:
+            addresses = await resolve(host, port, passive=True)
+        except TeteError as exc:
+            preamble.refuse(stream, str(exc))
+            return
+        refusal = self.policy.listen_refusal(host, port, [a.ip for a in addresses])
         if refusal is not None:
             log.warning("refused the peer's request to listen on %s", endpoint(host, port))
             preamble.refuse(stream, refusal)
             return
         try:
-            sock = await bind_listener(host, port)
+            sock = listen_on(addresses[0], LISTEN_BACKLOG)  # the address checked, not the name
         except TeteError as exc:
             log.warning("the peer's -R: %s", exc)
             preamble.refuse(stream, str(exc))

@@ -3,6 +3,8 @@
 import logging
 import sys
 
+from tete_tunnel.text import safe, safe_lines
+
 LOGGER_NAME = "tete_tunnel"
 log = logging.getLogger(LOGGER_NAME)
 
@@ -15,10 +17,22 @@ def setup_logging(verbosity: int) -> None:
     """
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y/%m/%d %H:%M:%S"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(message)s", "%Y/%m/%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+class SafeFormatter(logging.Formatter):
+    """Every line goes to a terminal through `text.safe`: whatever part of a message came
+    from the network (a peer's refusal reason, a host name) cannot act on the terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = safe(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        return safe_lines(super().formatException(ei))
 
 
 def event(message: str) -> None:

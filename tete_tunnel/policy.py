@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 from tete_tunnel.errors import UsageError
 
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
 
 @dataclass(frozen=True)
 class Pattern:
@@ -60,9 +58,10 @@ def parse_pattern(text: str, option: str) -> Pattern:
     return Pattern(None if host == "*" else host, port_value)
 
 
-def is_loopback(host: str, addresses: list[str]) -> bool:
+def is_loopback(addresses: list[str]) -> bool:
+    """Every address is a loopback one (a name is never trusted: only what it resolved to)."""
     if not addresses:
-        return host.lower() in LOOPBACK_NAMES
+        return False
     return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
@@ -73,7 +72,7 @@ class Policy:
 
     def open_refusal(self, host: str, port: int, addresses: list[str]) -> str | None:
         """None if the peer may make us connect to host:port (resolved to `addresses`)."""
-        if is_loopback(host, addresses):
+        if is_loopback(addresses):
             return None
         if any(p.matches(host, port, addresses) for p in self.allow_open):
             return None
@@ -82,10 +81,10 @@ class Policy:
             f"by default; it can allow this with --allow-open {host}:{port})"
         )
 
-    def listen_refusal(self, host: str, port: int) -> str | None:
-        """None if the peer may make us listen on host:port."""
-        addresses = [host] if _is_ip(host) else []
-        if is_loopback(host, addresses):
+    def listen_refusal(self, host: str, port: int, addresses: list[str]) -> str | None:
+        """None if the peer may make us listen on host:port (resolved to `addresses`, every
+        one of which is checked; the caller binds one of those, never the name again)."""
+        if is_loopback(addresses):
             return None
         if any(p.matches(host, port, addresses) for p in self.allow_listen):
             return None
@@ -93,11 +92,3 @@ class Policy:
             f"listening on {host}:{port} is not allowed on the peer (only loopback by "
             f"default; it can allow this with --allow-listen {host}:{port})"
         )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
