@@ -37,6 +37,7 @@ def wait_for_text(path: Path, text: str, timeout: float, count: int = 1) -> str:
     end = time.monotonic() + timeout
     while True:
         content = path.read_text(errors="replace")
+        content = content[: content.rfind("\n") + 1]  # whole lines only: no half a write
         if content.count(text) >= count:
             return content
         if time.monotonic() > end:

@@ -10,7 +10,7 @@ import pytest
 
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, load_or_create
-from tete_tunnel.secure import Auth, Mode, SecureLink, secure
+from tete_tunnel.secure import Auth, CodeGuessFailed, Mode, Rejected, SecureLink, secure
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,12 @@ def test_pinned_ids_connect(ids) -> None:
 
 
 def test_wrong_pin_refused_on_both_sides(ids) -> None:
+    """Refused, but as a dropped connection (Rejected): a stranger cannot end a run."""
     a, b = run(both(ids[0], Auth(peer_fingerprint=ids[2].fingerprint), ids[1], Auth()))
-    assert isinstance(a, AuthenticationError) and "peer ID mismatch" in str(a)
+    assert isinstance(a, Rejected) and "peer ID mismatch" in str(a)
     assert ids[2].id in str(a) and ids[1].id in str(a)
-    assert isinstance(b, AuthenticationError) and "refused us" in str(b)
+    assert isinstance(b, Rejected) and "refused us" in str(b)
+    assert not isinstance(a, AuthenticationError) and not isinstance(b, AuthenticationError)
 
 
 def test_equal_codes_connect(ids) -> None:
@@ -87,8 +89,9 @@ def test_equal_codes_connect(ids) -> None:
 
 def test_unequal_codes_refused_on_both_sides(ids) -> None:
     a, b = run(both(ids[0], Auth(code="7-purple-sausages"), ids[1], Auth(code="7-purple-sausage")))
-    assert isinstance(a, AuthenticationError) and "wrong code" in str(a)
-    assert isinstance(b, AuthenticationError) and "wrong code" in str(b)
+    for r in (a, b):  # the one guess of this run is used up: the run ends
+        assert isinstance(r, CodeGuessFailed) and "wrong code" in str(r)
+        assert "pick a new code" in str(r).lower()
 
 
 @pytest.mark.parametrize("coded_side", [0, 1])
@@ -96,16 +99,16 @@ def test_code_on_one_side_only(ids, coded_side: int) -> None:
     auths = [Auth(), Auth()]
     auths[coded_side] = Auth(code="x")
     results = run(both(ids[0], auths[0], ids[1], auths[1]))
-    assert isinstance(results[coded_side], AuthenticationError)
+    assert isinstance(results[coded_side], Rejected)
     assert "did not use --code" in str(results[coded_side])
-    assert isinstance(results[1 - coded_side], AuthenticationError)
+    assert isinstance(results[1 - coded_side], Rejected)
     assert "uses --code but we were given none" in str(results[1 - coded_side])
 
 
 def test_same_identity_is_a_clear_error(ids) -> None:
     a, b = run(both(ids[0], Auth(), ids[0], Auth()))
     for r in (a, b):
-        assert isinstance(r, AuthenticationError)
+        assert isinstance(r, Rejected)
         assert "same identity" in str(r) and "--identity" in str(r)
 
 

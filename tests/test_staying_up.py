@@ -73,10 +73,10 @@ def test_peer_killed_and_restarted_is_served_again_and_impostors_are_refused(
     waiting.shutdown(socket.SHUT_WR)
 
     # An impostor with another identity on the peer's port is refused; waiting goes on.
-    impostor = procs.start(link(pb, pa, tmp_path / "impostor", "--timeout", "20"), name="imp")
+    impostor = procs.start(link(pb, pa, tmp_path / "impostor", "--timeout", "5"), name="imp")
     wait_for_text(a.err_path, "peer ID mismatch", 20)
     assert impostor.wait(20) == 1
-    assert "the peer refused us" in impostor.err
+    assert "refused us" in impostor.err, impostor.err
     assert a.popen.poll() is None
     assert a.err.count("Connected to peer!") == 1
 

@@ -25,8 +25,25 @@ from tete_tunnel.errors import AuthenticationError, HandshakeError, PunchError, 
 from tete_tunnel.hello import NotAPeer
 from tete_tunnel.identity import Identity
 from tete_tunnel.net import endpoint, family_of, is_local_address
-from tete_tunnel.punch import Attempts, listen, no_peer_message, punch, tune_link_socket
-from tete_tunnel.secure import PREAUTH_TIMEOUT, Auth, Mode, SecureLink, secure
+from tete_tunnel.punch import (
+    Attempts,
+    accept_peer,
+    dial_once,
+    listen,
+    no_peer_message,
+    tune_link_socket,
+)
+from tete_tunnel.secure import (
+    PREAUTH_TIMEOUT,
+    WRONG_CODE,
+    Auth,
+    CodeGuessFailed,
+    Mode,
+    Progress,
+    Rejected,
+    SecureLink,
+    secure,
+)
 from tete_tunnel.session import Keepalive
 
 log = logging.getLogger("tete_tunnel")
@@ -37,6 +54,10 @@ DEFAULT_TIMEOUT = 30.0
 # dial: doubling from the first pause to the cap, reset by a good link.
 HANDSHAKE_BACKOFF = 0.5
 MAX_HANDSHAKE_BACKOFF = 5.0
+# Pre-authentication connections handshaken at once; more from the peer's address wait for a
+# slot no longer than it takes to refuse them. Strangers that stall hold a slot at most
+# PREAUTH_TIMEOUT, and never the only one.
+MAX_HANDSHAKES = 8
 
 
 @dataclass(frozen=True)
@@ -84,14 +105,20 @@ class _Drops:
         self.last: str | None = None
         self.repeats = 0
         self.total = 0
-        self.not_a_peer = 0
-        self.last_reason = ""
+        self.kinds: dict[str, int] = {}  # Rejected.kind, "not-a-peer" or "other"
+        self.last_reason: dict[str, str] = {}
 
     def add(self, far: str, error: Exception) -> None:
         self.total += 1
-        self.last_reason = str(error)
-        if isinstance(error, NotAPeer):
-            self.not_a_peer += 1
+        kind = (
+            error.kind
+            if isinstance(error, Rejected)
+            else "not-a-peer"
+            if isinstance(error, NotAPeer)
+            else "other"
+        )
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.last_reason[kind] = str(error)
         line = f"dropped a connection from {far}: {error}"
         if line == self.last:
             self.repeats += 1
@@ -116,6 +143,9 @@ class DirectConnector:
         self.identity = identity
         self.pinned: bytes | None = None  # the peer's fingerprint, once a link was made
         self.links = 0
+        # Handshakes that failed after our nonce went out: each one a safety code a man in
+        # the middle may have drawn. Shown next to the code (unverified mode).
+        self.codes_drawn = 0
 
     def describe(self) -> str:
         return "direct"
@@ -123,14 +153,11 @@ class DirectConnector:
     async def connect(self, deadline: float | None) -> SecureLink:
         """An authenticated link; PunchError at `deadline` (loop clock; None: no limit).
 
-        Before the first link, authentication follows the flags and a peer that fails it
-        ends the run (AuthenticationError). Afterwards the first peer's ID is required.
+        Our dials and the connections that reach our listener from the peer's address are
+        handshaken at once, up to MAX_HANDSHAKES together: a stranger that stalls, or several,
+        never keep the real peer out. The first link that authenticates wins.
         """
         config = self.config
-        loop = asyncio.get_running_loop()
-        attempts = Attempts()
-        drops = _Drops()
-        backoff = HANDSHAKE_BACKOFF
         auth = config.auth if self.pinned is None else Auth(peer_fingerprint=self.pinned)
         log.info(
             "punching from port %d to %s%s",
@@ -138,88 +165,198 @@ class DirectConnector:
             endpoint(config.peer_ip, config.peer_port),
             f" (timeout {config.timeout:g}s)" if deadline is not None else "",
         )
-        # One listener for the whole wait: a peer (or stranger) that comes while we pause
-        # after a failed handshake waits in its backlog instead of being refused.
-        listener = listen(family_of(config.peer_ip), config.local_port)
+        wait = _Wait(self, auth)
         try:
-            while True:
-                try:
-                    sock = await punch(
-                        config.peer_ip,
-                        config.peer_port,
-                        config.local_port,
-                        deadline,
-                        attempts,
-                        listener,
-                    )
-                except PunchError as exc:
-                    raise self._explain(exc, attempts, drops) from exc
-                far = _peer_name(sock)
-                try:
-                    link = await self._authenticate(sock, auth)
-                except (HandshakeError, AuthenticationError) as exc:
-                    sock.close()
-                    if isinstance(exc, AuthenticationError) and self.pinned is None:
-                        raise
-                    drops.add(far, exc)
-                    pause = backoff
-                    backoff = min(MAX_HANDSHAKE_BACKOFF, backoff * 2)
-                    if deadline is not None:
-                        pause = min(pause, max(0.0, deadline - loop.time()))
-                    await asyncio.sleep(pause)
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                self._announce(link)
-                return link
+            return await wait.run(deadline)
         finally:
-            listener.close()
-            drops.flush()
+            wait.drops.flush()
 
-    async def _authenticate(self, sock: socket.socket, auth: Auth) -> SecureLink:
-        keepalive = self.config.keepalive
-        if keepalive is not None:
-            tune_link_socket(sock, keepalive.interval, keepalive.timeout)
-        try:
-            async with asyncio.timeout(PREAUTH_TIMEOUT):
-                return await secure(sock, self.identity, auth)
-        except TimeoutError:
-            raise HandshakeError("it sent no complete handshake in time") from None
-
-    def _explain(self, exc: PunchError, attempts: Attempts, drops: _Drops) -> PunchError:
+    def explain(self, exc: PunchError, attempts: Attempts, drops: _Drops) -> PunchError:
+        """What punching saw, most telling first, for the message at the deadline."""
         config = self.config
         where = endpoint(config.peer_ip, config.peer_port)
-        if drops.not_a_peer:
-            times = f"{drops.not_a_peer} time{'s' if drops.not_a_peer != 1 else ''}"
+        for kind in ("wrong-id", "refused-id", "code-mismatch", "same-identity", "refused"):
+            if kind in drops.kinds:
+                n = drops.kinds[kind]
+                return PunchError(
+                    f"no peer was linked in time: a peer at {config.peer_ip} was dropped "
+                    f"{n} time{'s' if n != 1 else ''}: {drops.last_reason[kind]}"
+                )
+        if "not-a-peer" in drops.kinds:
+            n = drops.kinds["not-a-peer"]
             return PunchError(
-                f"something else answers at {where} ({times}; {drops.last_reason}): a wrong "
-                "--rport? It is the port the peer punches from (its --lport), as its NAT "
-                "shows it"
+                f"something else answers at {where} ({n} time{'s' if n != 1 else ''}; "
+                f"{drops.last_reason['not-a-peer']}): a wrong --rport? It is the port the "
+                "peer punches from (its --lport), as its NAT shows it"
             )
         if drops.total and attempts.dials:
             return PunchError(
                 no_peer_message(config.peer_ip, config.peer_port, config.local_port, attempts)
-                + f"; {drops.total} connection(s) were dropped, the last: {drops.last_reason}"
+                + f"; {drops.total} connection(s) were dropped, the last: "
+                + drops.last_reason.get("other", "")
             )
         return exc
 
-    def _announce(self, link: SecureLink) -> None:
+    def announce(self, link: SecureLink) -> None:
         self.links += 1
-        if self.pinned is None:
-            self.pinned = link.peer_fingerprint
-            if link.mode is Mode.UNVERIFIED:
+        if self.pinned is not None:
+            return
+        self.pinned = link.peer_fingerprint
+        if link.mode is Mode.UNVERIFIED:
+            log.warning(
+                "WARNING: the peer is not verified (no --peer-id or --code): the link is "
+                "encrypted, but someone in the middle could read it. Compare this safety "
+                "code with your peer by voice: safety code %s (the same on both sides "
+                "means no one is in the middle)",
+                link.safety_code,
+            )
+            if self.codes_drawn:
                 log.warning(
-                    "WARNING: the peer is not verified (no --peer-id or --code): the link is "
-                    "encrypted, but someone in the middle could read it. Compare this safety "
-                    "code with your peer by voice: safety code %s (the same on both sides "
-                    "means no one is in the middle)",
-                    link.safety_code,
+                    "WARNING: before this link, %d handshake(s) from the peer's address failed "
+                    "after a safety code was drawn: someone in the middle may be trying to "
+                    "match the codes. Tell your peer this number too: on an honest link it "
+                    "is 0 or 1 on both sides; if it is larger, do not trust this link",
+                    self.codes_drawn,
                 )
-            if link.mode is not Mode.PEER_ID:
-                log.warning(
-                    "peer ID: %s (pin it next time with --peer-id %s)", link.peer_id, link.peer_id
+        if link.mode is not Mode.PEER_ID:
+            log.warning(
+                "peer ID: %s (pin it next time with --peer-id %s)", link.peer_id, link.peer_id
+            )
+
+
+class _Wait:
+    """One connect(): a dialer, an acceptor and the handshakes they start, all owned here."""
+
+    def __init__(self, connector: DirectConnector, auth: Auth) -> None:
+        self.connector = connector
+        self.config = connector.config
+        self.auth = auth
+        self.attempts = Attempts()
+        self.drops = _Drops()
+        self.peer = (self.config.peer_ip, self.config.peer_port)
+        self.family = family_of(self.config.peer_ip)
+        self.won: asyncio.Future[SecureLink] = asyncio.get_running_loop().create_future()
+        self.handshakes: set[asyncio.Task[None]] = set()
+        self.dial_free = asyncio.Event()  # no dialed connection is being handshaken
+        self.dial_free.set()
+        self.dial_pause_until = 0.0
+        self.backoff = HANDSHAKE_BACKOFF
+
+    async def run(self, deadline: float | None) -> SecureLink:
+        loop = asyncio.get_running_loop()
+        listener = listen(self.family, self.config.local_port)
+        workers = [
+            asyncio.ensure_future(self._dial(loop)),
+            asyncio.ensure_future(self._accept(listener)),
+        ]
+        handed_over = False
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(
+                [self.won, *workers], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for worker in workers:
+                if worker in done:
+                    worker.result()  # a dial that cannot go on (PunchError) ends the wait
+            if not self.won.done():
+                failure = PunchError(
+                    no_peer_message(
+                        self.config.peer_ip,
+                        self.config.peer_port,
+                        self.config.local_port,
+                        self.attempts,
+                    )
                 )
+                raise self.connector.explain(failure, self.attempts, self.drops)
+            link = self.won.result()
+            self.connector.announce(link)
+            handed_over = True
+            return link
+        finally:
+            listener.close()
+            for task in (*workers, *self.handshakes):
+                task.cancel()
+            await asyncio.gather(*workers, *self.handshakes, return_exceptions=True)
+            if not self.won.done():
+                self.won.cancel()
+            elif not self.won.cancelled() and self.won.exception() is None and not handed_over:
+                _close_link(self.won.result())  # we were cancelled with a link in hand
+
+    async def _dial(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            await self.dial_free.wait()  # one dialed connection at a time: one 4-tuple
+            pause = self.dial_pause_until - loop.time()
+            if pause > 0:  # after a dialed handshake failed: whatever answers is not hammered
+                await asyncio.sleep(pause)
+                continue
+            sock = await dial_once(self.family, self.config.local_port, self.peer, self.attempts)
+            if sock is None:
+                await asyncio.sleep(self.attempts.pause())
+                continue
+            self.dial_free.clear()
+            self._start(sock, dialed=True)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        while True:
+            sock = await accept_peer(listener, self.peer, self.attempts)
+            if len(self.handshakes) >= MAX_HANDSHAKES:
+                self.drops.add(
+                    _peer_name(sock), HandshakeError(f"{MAX_HANDSHAKES} handshakes at once already")
+                )
+                sock.close()
+                continue
+            self._start(sock, dialed=False)
+
+    def _start(self, sock: socket.socket, *, dialed: bool) -> None:
+        task = asyncio.ensure_future(self._handshake(sock, dialed))
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket, dialed: bool) -> None:
+        far = _peer_name(sock)
+        progress = Progress()
+        keepalive = self.config.keepalive
+        try:
+            if keepalive is not None:
+                tune_link_socket(sock, keepalive.interval, keepalive.timeout)
+            try:
+                async with asyncio.timeout(PREAUTH_TIMEOUT):
+                    link = await secure(sock, self.connector.identity, self.auth, progress)
+            except TimeoutError:
+                if progress.code_spent:
+                    raise CodeGuessFailed(
+                        WRONG_CODE.format(what="the peer went silent after its code message")
+                    ) from None
+                raise HandshakeError("it sent no complete handshake in time") from None
+        except (HandshakeError, OSError) as exc:
+            sock.close()
+            if progress.nonce_revealed and self.auth.mode is Mode.UNVERIFIED:
+                self.connector.codes_drawn += 1
+            error = exc if isinstance(exc, HandshakeError) else HandshakeError(str(exc))
+            self.drops.add(far, error)
+            if dialed:
+                loop = asyncio.get_running_loop()
+                self.dial_pause_until = loop.time() + self.backoff
+                self.backoff = min(MAX_HANDSHAKE_BACKOFF, self.backoff * 2)
+                self.dial_free.set()
+            return
+        except AuthenticationError as exc:  # a code guess tried and missed: the run ends
+            sock.close()
+            if not self.won.done():
+                self.won.set_exception(exc)
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if self.won.done():
+            _close_link(link)  # a second link at once: the first one won
+            return
+        self.won.set_result(link)
+
+
+def _close_link(link: SecureLink) -> None:
+    if link.carrier.transport is not None:
+        link.carrier.transport.abort()
 
 
 def _peer_name(sock: socket.socket) -> str:

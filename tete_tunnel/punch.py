@@ -118,39 +118,52 @@ class Attempts:
         return min(MAX_RETRY_PAUSE, RETRY_PAUSE * 2 ** min(self.failures_in_a_row - 1, 8))
 
 
+async def dial_once(
+    family: socket.AddressFamily, local_port: int, peer: tuple[str, int], attempts: Attempts
+) -> socket.socket | None:
+    """One dial from our port: the connected socket, or None after a failure worth retrying
+    (recorded in `attempts`; the caller waits `attempts.pause()` before the next)."""
+    sock = _bound_socket(family, local_port)
+    attempts.dials += 1
+    attempts.failures_in_a_row += 1
+    try:
+        async with asyncio.timeout(ATTEMPT_TIMEOUT):
+            await _connect(sock, peer)
+    except TimeoutError:
+        attempts.last_error = "no answer (SYN dropped)"
+        log.debug("dial %d to %s: no answer", attempts.dials, endpoint(*peer))
+    except OSError as exc:
+        if exc.errno not in RETRY_ERRNOS:
+            sock.close()
+            raise PunchError(f"cannot dial {endpoint(*peer)}: {exc.strerror or exc}") from exc
+        attempts.last_error = errno.errorcode.get(exc.errno or 0, str(exc))
+        log.debug("dial %d to %s: %s", attempts.dials, endpoint(*peer), attempts.last_error)
+    except BaseException:
+        sock.close()
+        raise
+    else:
+        log.info("connected by dialing %s", endpoint(*peer))
+        attempts.failures_in_a_row = 0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    sock.close()  # still in SYN_SENT or failed: closing sends no RST on a live 4-tuple
+    return None
+
+
 async def _dial_loop(
     family: socket.AddressFamily, local_port: int, peer: tuple[str, int], attempts: Attempts
 ) -> socket.socket:
     while True:
-        sock = _bound_socket(family, local_port)
-        attempts.dials += 1
-        attempts.failures_in_a_row += 1
-        try:
-            async with asyncio.timeout(ATTEMPT_TIMEOUT):
-                await _connect(sock, peer)
-        except TimeoutError:
-            attempts.last_error = "no answer (SYN dropped)"
-            log.debug("dial %d to %s: no answer", attempts.dials, endpoint(*peer))
-        except OSError as exc:
-            if exc.errno not in RETRY_ERRNOS:
-                sock.close()
-                raise PunchError(f"cannot dial {endpoint(*peer)}: {exc.strerror or exc}") from exc
-            attempts.last_error = errno.errorcode.get(exc.errno or 0, str(exc))
-            log.debug("dial %d to %s: %s", attempts.dials, endpoint(*peer), attempts.last_error)
-        except BaseException:
-            sock.close()
-            raise
-        else:
-            log.info("connected by dialing %s", endpoint(*peer))
-            attempts.failures_in_a_row = 0
+        sock = await dial_once(family, local_port, peer, attempts)
+        if sock is not None:
             return sock
-        sock.close()  # still in SYN_SENT or failed: closing sends no RST on a live 4-tuple
         await asyncio.sleep(attempts.pause())
 
 
-async def _accept_loop(
+async def accept_peer(
     listener: socket.socket, peer: tuple[str, int], attempts: Attempts
 ) -> socket.socket:
+    """The next connection to our port from the peer's address; others are closed at once."""
     loop = asyncio.get_running_loop()
     while True:
         conn, addr = await loop.sock_accept(listener)
@@ -168,6 +181,7 @@ async def _accept_loop(
                 "the peer connected from port %d, not %d: its NAT rewrites ports", addr[1], peer[1]
             )
         log.info("connected by accepting %s", endpoint(*addr[:2]))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
 
@@ -194,7 +208,7 @@ async def punch(
     tasks: list[asyncio.Task[socket.socket]] = []
     try:
         tasks = [
-            asyncio.create_task(_accept_loop(listener, peer, attempts)),
+            asyncio.create_task(accept_peer(listener, peer, attempts)),
             asyncio.create_task(_dial_loop(family, local_port, peer, attempts)),
         ]
         now = asyncio.get_running_loop().time()

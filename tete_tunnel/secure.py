@@ -146,13 +146,57 @@ async def _tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> C
     return carrier
 
 
-async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureLink:
+@dataclass
+class Progress:
+    """How far one handshake got, for the caller to judge its failure (even a timeout)."""
+
+    code_spent: bool = False  # the peer's SPAKE2 message was used: it had its one guess
+    nonce_revealed: bool = False  # our FINISH went out: a safety code was drawn with it
+    peer_id: str | None = None
+
+
+class Rejected(HandshakeError):
+    """A well-formed peer we will not link with; `kind` groups it in the deadline summary."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class CodeGuessFailed(AuthenticationError):
+    """The code exchange failed after the peer's SPAKE2 message was used: one guess is all
+    anyone gets per run, so the run ends (README: "one online guess per run")."""
+
+
+WRONG_CODE = (
+    "a wrong code was tried ({what}). If that was not your peer, someone may be guessing it: "
+    "every run allows one guess, and this one is used up. Pick a new code and start again "
+    "on both sides"
+)
+
+
+async def secure(
+    sock: socket.socket, identity: Identity, auth: Auth, progress: Progress | None = None
+) -> SecureLink:
     """Authenticate the peer on `sock` and run TLS over it; the caller bounds the time.
 
-    Raises HandshakeError for anything that is not a well-behaved tete-tunnel peer (the caller
-    may go on waiting for the real one) and AuthenticationError for a peer that is one but is
-    not the peer we were told to expect (fatal).
+    Raises HandshakeError for anything that is not the peer we expect, Rejected (a subclass)
+    for a well-formed one we refuse or that refuses us; the caller drops these and goes on
+    waiting. Raises CodeGuessFailed once the code exchange failed after the peer's SPAKE2
+    message was used. `progress` records how far it got (for a failure by timeout too).
     """
+    progress = progress if progress is not None else Progress()
+    try:
+        return await _secure(sock, identity, auth, progress)
+    except HandshakeError as exc:
+        if progress.code_spent:
+            raise CodeGuessFailed(WRONG_CODE.format(what=exc)) from exc
+        raise
+
+
+async def _secure(
+    sock: socket.socket, identity: Identity, auth: Auth, progress: Progress
+) -> SecureLink:
     my_fp = identity.fingerprint
     nonce = os.urandom(msg.NONCE_SIZE)
     spake_state = None
@@ -165,37 +209,41 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
     )
     await _send(sock, my_hello)
     kind, body = await _recv_message(sock, "the peer's HELLO")
+    if kind == msg.MessageType.REFUSE:
+        raise _refused(msg.parse_refuse(body).reason, identity)
     if kind != msg.MessageType.HELLO:
         raise HandshakeError(f"expected HELLO, got {kind.name}")
     peer_hello = msg.parse_hello(body)
     peer_der = peer_hello.cert_der
     peer_fp = fingerprint(peer_der)
-    peer_id = format_id(peer_fp)
+    peer_id = progress.peer_id = format_id(peer_fp)
     their_hello = msg.HEADER.pack(msg.MAGIC, msg.VERSION, kind, len(body)) + body
     if hmac.compare_digest(their_hello, my_hello):  # our own nonce commitment: an echo
         raise msg.NotAPeer("it sent back exactly what we sent (an echo service?)")
 
     if hmac.compare_digest(peer_fp, my_fp):
         await _refuse(sock, msg.RefuseReason.SAME_IDENTITY)
-        raise AuthenticationError(
-            "both peers use the same identity (same machine or same home directory?): "
-            "give one of them its own with --identity DIR"
+        raise Rejected(
+            "it presented our own identity: both peers use the same identity (same machine or "
+            "same home directory?): give one of them its own with --identity DIR",
+            "same-identity",
         )
     if auth.peer_fingerprint is not None and not hmac.compare_digest(
         peer_fp, auth.peer_fingerprint
     ):
         await _refuse(sock, msg.RefuseReason.ID_MISMATCH)
-        raise AuthenticationError(
-            f"peer ID mismatch: expected {format_id(auth.peer_fingerprint)}, "
-            f"but the peer presented {peer_id}; refusing it (a wrong --peer-id, "
-            "or someone in the middle)"
+        raise Rejected(
+            f"peer ID mismatch: expected {format_id(auth.peer_fingerprint)}, but it presented "
+            f"{peer_id} (a wrong --peer-id, or someone in the middle)",
+            "wrong-id",
         )
     mac = b""
     key = b""
     if spake_state is not None:
         if not peer_hello.spake_message:
             await _refuse(sock, msg.RefuseReason.CODE_MISSING)
-            raise AuthenticationError(CODE_NOT_THERE)
+            raise Rejected(CODE_NOT_THERE, "code-mismatch")
+        progress.code_spent = True  # from here on, any failure is a guess tried and missed
         try:
             key = spake_state.finish(peer_hello.spake_message)
         except Exception as exc:  # spake2 raises assorted types for malformed points
@@ -205,8 +253,9 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
         mac = _confirmation(key, my_fp, transcript)
     elif peer_hello.spake_message:
         await _refuse(sock, msg.RefuseReason.CODE_UNEXPECTED)
-        raise AuthenticationError(CODE_NOT_HERE)
+        raise Rejected(CODE_NOT_HERE, "code-mismatch")
 
+    progress.nonce_revealed = True
     await _send(sock, msg.encode_finish(msg.Finish(nonce, mac)))
     kind, body = await _recv_message(sock, "the peer's FINISH")
     if kind == msg.MessageType.REFUSE:
@@ -219,10 +268,7 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
     if spake_state is not None:
         expected = _confirmation(key, peer_fp, transcript)
         if not hmac.compare_digest(finish.mac, expected):
-            raise AuthenticationError(
-                "wrong code: the peer typed a different --code (or someone in the middle "
-                "guessed); start again with a fresh code on both sides"
-            )
+            raise HandshakeError("its key confirmation does not match ours: a different code")
 
     server_side = my_fp > peer_fp
     try:
@@ -258,18 +304,22 @@ async def secure(sock: socket.socket, identity: Identity, auth: Auth) -> SecureL
     )
 
 
-def _refused(reason: int, identity: Identity) -> AuthenticationError:
+def _refused(reason: int, identity: Identity) -> Rejected:
+    """The other end refused us: a drop like any other, since anyone can send a REFUSE."""
     if reason == msg.RefuseReason.ID_MISMATCH:
-        return AuthenticationError(
-            f"the peer refused us: our ID {identity.id} is not the --peer-id it was given "
-            "(check the ID it has with `tete-tunnel id` on our side)"
+        return Rejected(
+            f"it refused us: our ID {identity.id} is not the --peer-id it was given "
+            "(check the ID it has with `tete-tunnel id` on our side)",
+            "refused-id",
         )
     if reason == msg.RefuseReason.CODE_MISSING:
-        return AuthenticationError(CODE_NOT_HERE)
+        return Rejected(f"it refused us: {CODE_NOT_HERE}", "code-mismatch")
     if reason == msg.RefuseReason.CODE_UNEXPECTED:
-        return AuthenticationError(CODE_NOT_THERE)
+        return Rejected(f"it refused us: {CODE_NOT_THERE}", "code-mismatch")
     if reason == msg.RefuseReason.SAME_IDENTITY:
-        return AuthenticationError(
-            "both peers use the same identity: give one of them its own with --identity DIR"
+        return Rejected(
+            "it refused us: both peers use the same identity: give one of them its own with "
+            "--identity DIR",
+            "same-identity",
         )
-    return AuthenticationError(f"the peer refused the connection (reason {reason})")
+    return Rejected(f"it refused the connection (reason {reason})", "refused")
