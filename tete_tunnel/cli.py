@@ -23,7 +23,7 @@ from tete_tunnel.forward import DEFAULT_MAX_CONNECTIONS
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.log import log, setup_logging
 from tete_tunnel.malloc import tune_malloc
-from tete_tunnel.secure import Auth
+from tete_tunnel.secure import MIN_CODE_BITS, Auth, code_strength
 from tete_tunnel.session import Keepalive
 from tete_tunnel.supervisor import App, supervise
 from tete_tunnel.text import safe_lines
@@ -147,6 +147,13 @@ def _link_config(
         raise UsageError("use either --peer-id or --code, not both")
     if code is not None and not code.strip():
         raise UsageError("--code must not be empty")
+    if code is not None and code_strength(code.strip()) < MIN_CODE_BITS:
+        log.warning(
+            "WARNING: --code %r is short: someone who can reach your port gets one guess per "
+            "run, and a code this short may fall to it; use a longer one, e.g. a number and "
+            "two words like 7-purple-sausages",
+            code.strip(),
+        )
     auth = Auth(
         peer_fingerprint=parse_id(peer_id) if peer_id is not None else None,
         code=code.strip() if code is not None else None,

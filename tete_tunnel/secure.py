@@ -19,6 +19,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import math
 import os
 import socket
 import ssl
@@ -71,6 +72,24 @@ class SecureLink:
     is_tls_client: bool
     mode: Mode
     safety_code: str
+
+
+MIN_CODE_BITS = 16  # below this, even one guess per run is a real chance (1 in 65536)
+
+
+def code_strength(code: str) -> float:
+    """A generous estimate of a code's entropy in bits, from its length and alphabet."""
+    chars = [c for c in code if c not in " -_.,"]
+    alphabet = 0
+    if any(c.isdigit() for c in chars):
+        alphabet += 10
+    if any(c.islower() for c in chars):
+        alphabet += 26
+    if any(c.isupper() for c in chars):
+        alphabet += 26
+    if any(not c.isalnum() for c in chars):
+        alphabet += 32
+    return len(chars) * math.log2(alphabet) if alphabet else 0.0
 
 
 def safety_code(fp_a: bytes, nonce_a: bytes, fp_b: bytes, nonce_b: bytes) -> str:
