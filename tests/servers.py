@@ -7,6 +7,8 @@
     python -m tests.servers banner PORT         like sshd: write an SSH banner, await input
     python -m tests.servers gallery PORT N      HTTP/1.1 keep-alive: a page of N PNG images;
                                                 prints "request PATH" for every request
+    python -m tests.servers chargen PORT        send endless bytes to every client, read none
+    python -m tests.servers echocount PORT      echo, and print "accepts N" as connections come
 Servers print "ready <port>" once listening (PORT 0: any free port).
 """
 
@@ -164,6 +166,56 @@ def serve_gallery(port: int, n: int) -> None:
     server.serve_forever()
 
 
+CHARGEN_CHUNK = bytes(range(256)) * 256  # 64 KiB
+
+
+async def serve_chargen(port: int) -> None:
+    """A target that sends a lot: CHARGEN_CHUNK over and over until the client goes away."""
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(CHARGEN_CHUNK)
+                await writer.drain()
+        except OSError:
+            pass  # the client closed or reset
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(talk, "127.0.0.1", port, backlog=1024)
+    print("ready", server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+async def serve_echocount(port: int) -> None:
+    """Echo, and count accepted connections: "accepts N" on stdout, at most 10 times a
+    second, whenever N changed (the last line is the total so far)."""
+    accepts = 0
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepts
+        accepts += 1
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except OSError:
+            pass  # the client reset: that is its business
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", port, backlog=1024)
+    print("ready", server.sockets[0].getsockname()[1], flush=True)
+    reported = -1
+    while True:
+        if accepts != reported:
+            reported = accepts
+            print("accepts", accepts, flush=True)
+        await asyncio.sleep(0.1)
+
+
 def fetch(url: str, n: int) -> None:
     def one(_: int) -> str:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -184,6 +236,10 @@ def main() -> None:
         asyncio.run(serve_banner(int(sys.argv[2])))
     elif kind == "gallery":
         serve_gallery(int(sys.argv[2]), int(sys.argv[3]))
+    elif kind == "chargen":
+        asyncio.run(serve_chargen(int(sys.argv[2])))
+    elif kind == "echocount":
+        asyncio.run(serve_echocount(int(sys.argv[2])))
     elif kind == "fetch":
         fetch(sys.argv[2], int(sys.argv[3]))
     else:

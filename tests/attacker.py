@@ -1,0 +1,584 @@
+"""A hostile peer for a real `tete-tunnel forward` process: authenticated, then lawless.
+
+The honest side is the real tool, run as a process; the attacker is this test process. It
+gets a genuine authenticated link with the library's own connector (so the handshake is
+not what is under test) and then, instead of running a Session, writes and reads raw mux
+frames on the TLS transport: it may open streams faster than anyone should, reset them at
+once, never grant window, never read. Two layers, kept apart so handshake-level attacks
+(guess and close, echo, refuse) can reuse the first without the second:
+
+Link level (the process and getting an authenticated link to it)
+    honest = start_forward(procs, tmp, *extra_args)    `forward --peer-ip 127.0.0.1
+                                                        --lport P --rport Q ...` (unverified)
+    honest.alive(), .peak_rss_kib(), .rss_kib(), .err  the process as the tests judge it
+    sock = await punch_to(honest, deadline)            a raw TCP socket to its punch port
+                                                        (our lport Q, rport P): for
+                                                        handshake-level attacks
+    link = await link_to(honest, identity_dir)         DirectConnector with the identity
+                                                        in identity_dir (created if new),
+                                                        unverified: an authenticated
+                                                        SecureLink (carrier = TLS transport).
+                                                        `forward` pins its first peer: come
+                                                        back with the same identity_dir.
+
+Mux level (raw frames over that link)
+    mux = RawMux(link)                  takes the TLS transport over (set_protocol), decodes
+                                        every frame (FrameDecoder), answers pings (unless
+                                        answer_pings=False), refuses streams the honest side
+                                        opens (ACK|RST), counts everything in `mux.stats`
+    sid = mux.open(payload, fin=False, window=0, track=True, auto_grant=False)
+                                        a new stream id of our parity (TLS client: odd),
+                                        strictly increasing: DATA|SYN with the payload, or
+                                        WINDOW_UPDATE|SYN (delta `window`) when it is empty
+    mux.data(sid, payload, fin=False)   within the stream's send window (tracked streams)
+    mux.window_update(sid, delta), mux.fin(sid), mux.rst(sid), mux.ping(opaque),
+    mux.go_away(code), mux.send_frame(type, flags, sid, length, payload)   (anything at all)
+    await mux.drain()                   flush, and wait while the transport is full
+    await mux.sync()                    ping and await the pong: everything sent before it
+                                        has been processed (paces a flood to the honest
+                                        side's speed; False if no pong came in time)
+    mux.pause_reading() / resume_reading()   stop reading the TLS socket altogether
+    await mux.read_frame(within)       the next frame received (keep_frames=True only)
+    await mux.wait_for(predicate, within)   until it holds after some input; False if not
+    mux.streams[sid]                    RawStream: data, received, granted, send_window,
+                                        acked, fin, rst, refused (ACK|RST before any ACK)
+    mux.stats                           MuxStats: frames by kind, refused (our opens answered
+                                        ACK|RST), accepted / holding (untracked opens ACKed,
+                                        not reset since), resets, fins, data_bytes, goaway
+                                        (its code), peer_opens, violations (frames the honest
+                                        side must not send: data beyond the window granted,
+                                        after FIN, on ids never opened)
+    await mux.aclose()                  GO_AWAY(0), await the honest side's, close (abort if
+                                        it will not end)
+
+Frames are batched: every send appends to a buffer written once per loop turn (or by
+drain()), so a flood of small frames becomes large TLS records, as a fast attacker's would.
+A write of up to 16 KiB is one TLS record, which the honest side always reads in one batch.
+Streams opened with track=False cost nothing here: their answers are only counted.
+
+Pacing: the honest side treats more than 1,024 replies owed at once (pongs, ACK|RST
+refusals) as a protocol error that ends the session (docs/PROTOCOL.md §6.9). A flood meant
+to go on must therefore sync() after every 1,000 or so frames that may be refused.
+
+A well-behaved stream through the same session
+    result = await echo_stream(mux, host, port, payload)
+        opens a stream with CONNECT host port and as much payload as the window allows,
+        sends the rest as window updates come, then FIN; grants window as it reads; returns
+        the answer (ACCEPT or REFUSE), the bytes echoed, whether FIN / RST / a mux refusal
+        came, and how long it took. `result.ok(payload)` is the whole check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.helpers import Proc, Procs, free_ports, pair_args
+from tete_tunnel import preamble
+from tete_tunnel.connector import DirectConnector, LinkConfig
+from tete_tunnel.identity import load_or_create
+from tete_tunnel.mux.connection import INITIAL_WINDOW
+from tete_tunnel.mux.frames import MAX_PAYLOAD, Flag, Frame, FrameDecoder, FrameType, encode_header
+from tete_tunnel.punch import listen, punch
+from tete_tunnel.secure import SecureLink
+
+LOOPBACK = "127.0.0.1"
+
+# -- link level ------------------------------------------------------------------------------
+
+
+@dataclass
+class HonestForward:
+    """A `tete-tunnel forward` process punching from `lport` to our `rport`."""
+
+    proc: Proc
+    lport: int  # its --lport: where we dial
+    rport: int  # its --rport: our port
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def err(self) -> str:
+        return self.proc.err
+
+    def alive(self) -> bool:
+        return self.proc.popen.poll() is None
+
+    def _status(self, field_name: str) -> int:
+        """A VmXXX figure from /proc/PID/status, in KiB."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise AssertionError(f"no {field_name} in /proc/{self.pid}/status")
+
+    def peak_rss_kib(self) -> int:
+        """VmHWM: the largest resident set the process has had."""
+        return self._status("VmHWM")
+
+    def rss_kib(self) -> int:
+        return self._status("VmRSS")
+
+
+def start_forward(procs: Procs, tmp: Path, *extra: str, name: str = "honest") -> HonestForward:
+    """Start the honest side: `forward` in unverified mode on loopback, waiting for us."""
+    lport, rport = free_ports(2)
+    args, _ = pair_args(lport, rport)
+    proc = procs.start(
+        ["forward", *args, "--identity", str(tmp / name), "--timeout", "60", *extra], name=name
+    )
+    return HonestForward(proc, lport, rport)
+
+
+async def punch_to(honest: HonestForward, deadline: float) -> socket.socket:
+    """A raw, connected TCP socket to the honest side's punch port (no handshake yet)."""
+    listener = listen(socket.AF_INET, honest.rport)
+    try:
+        return await punch(LOOPBACK, honest.lport, honest.rport, deadline, listener=listener)
+    finally:
+        listener.close()
+
+
+async def link_to(honest: HonestForward, identity_dir: Path, within: float = 30.0) -> SecureLink:
+    """An authenticated link to the honest side, made by the library's own connector."""
+    identity = load_or_create(identity_dir)
+    config = LinkConfig(
+        peer_ip=LOOPBACK, local_port=honest.rport, peer_port=honest.lport, timeout=within
+    )
+    loop = asyncio.get_running_loop()
+    return await DirectConnector(config, identity).connect(loop.time() + within)
+
+
+# -- mux level -------------------------------------------------------------------------------
+
+_SYN, _ACK, _FIN, _RST = Flag.SYN, Flag.ACK, Flag.FIN, Flag.RST
+
+
+@dataclass(slots=True)
+class RawStream:
+    """What we know of one stream we opened (track=True)."""
+
+    id: int
+    keep_data: bool = True
+    auto_grant: bool = False  # consume at once and grant back, like a reader that keeps up
+    data: bytearray = field(default_factory=bytearray)
+    received: int = 0  # DATA payload bytes from the honest side
+    granted: int = INITIAL_WINDOW  # all the credit we gave: the initial window + updates
+    unacked: int = 0  # consumed, not yet granted back (auto_grant)
+    send_window: int = INITIAL_WINDOW  # what we may still send
+    acked: bool = False
+    fin: bool = False  # its FIN arrived
+    rst: bool = False  # its RST arrived (refusals included)
+    refused: bool = False  # ACK|RST before any ACK: a mux-level refusal of our open
+    fin_sent: bool = False
+
+
+@dataclass
+class MuxStats:
+    frames: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)  # "WINDOW_UPDATE ACK|RST": n
+    refused: int = 0  # our opens refused with ACK|RST
+    resets: int = 0  # other RSTs on our streams
+    fins: int = 0
+    data_bytes: int = 0
+    pongs_sent: int = 0
+    peer_opens: list[int] = field(default_factory=list)  # streams the honest side opened
+    accepted: int = 0  # untracked opens of ours it accepted (ACK without RST)
+    # Those of them not reset since: what a flood holds open (a FIN does not remove one).
+    holding: set[int] = field(default_factory=set)
+    violations: list[str] = field(default_factory=list)  # what the honest side did wrong
+    goaway: int | None = None  # the code of its GO_AWAY, if one came
+
+
+def _kind(frame: Frame) -> str:
+    flags = "|".join(f.name for f in (_SYN, _ACK, _FIN, _RST) if frame.flags & f) or "-"
+    return f"{frame.type.name} {flags}"
+
+
+class RawMux(asyncio.Protocol):
+    """Raw frames over an authenticated link; see the module docstring."""
+
+    def __init__(
+        self,
+        link: SecureLink,
+        *,
+        keep_frames: bool = True,
+        answer_pings: bool = True,
+        refuse_peer_opens: bool = True,
+    ) -> None:
+        carrier = link.carrier
+        assert carrier.transport is not None
+        self.link = link
+        self.transport: asyncio.Transport = carrier.transport
+        self.client = link.is_tls_client
+        self.keep_frames = keep_frames
+        self.answer_pings = answer_pings
+        self.refuse_peer_opens = refuse_peer_opens
+        self.streams: dict[int, RawStream] = {}
+        self.stats = MuxStats()
+        self.frames: deque[Frame] = deque()
+        self.pongs: set[int] = set()  # opaque values of the pongs received
+        self._ping_opaque = 1 << 31  # ours, far from the small values the honest side uses
+        self.lost = False
+        self.lost_error: BaseException | None = None
+        self.eof = False
+        self._next_id = 1 if self.client else 2
+        self._decoder = FrameDecoder()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.transport.set_protocol(self)
+        if carrier.buffer:  # what came right after READY (its first PING)
+            self.data_received(bytes(carrier.buffer))
+            carrier.buffer.clear()
+        if carrier.closed:
+            self.connection_lost(carrier.error)
+        elif carrier.eof:
+            self.eof_received()
+
+    # -- protocol callbacks ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        try:
+            while (frame := self._decoder.next_frame()) is not None:
+                self._on_frame(frame)
+        except Exception as exc:  # a frame no peer may send: the honest side's fault
+            self.stats.violations.append(f"undecodable input: {exc}")
+            self._decoder = FrameDecoder()
+        self._changed.set()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._changed.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_error = exc
+        self._writable.set()
+        self._changed.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- input --------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        stats = self.stats
+        stats.frames += 1
+        stats.kinds[_kind(frame)] += 1
+        if self.keep_frames:
+            self.frames.append(frame)
+        if frame.type is FrameType.PING:
+            if frame.flags & _SYN:
+                if self.answer_pings:
+                    self.send_frame(FrameType.PING, _ACK, 0, frame.length)
+                    stats.pongs_sent += 1
+            elif frame.flags & _ACK:
+                self.pongs.add(frame.length)
+            return
+        if frame.type is FrameType.GO_AWAY:
+            stats.goaway = frame.length
+            return
+        sid, flags = frame.stream_id, frame.flags
+        if (sid % 2 == 1) != self.client:  # the honest side's own stream
+            if flags & _SYN:
+                stats.peer_opens.append(sid)
+                if self.refuse_peer_opens:
+                    self.send_frame(FrameType.WINDOW_UPDATE, _ACK | _RST, sid, 0)
+            return
+        if sid >= self._next_id:
+            stats.violations.append(f"{_kind(frame)} on stream {sid}, which we never opened")
+            return
+        if flags & _SYN:
+            stats.violations.append(f"SYN on our own stream {sid}")
+        stream = self.streams.get(sid)
+        if frame.type is FrameType.DATA:
+            stats.data_bytes += frame.length
+        if flags & _FIN:
+            stats.fins += 1
+        if flags & _RST:
+            acked = stream.acked if stream is not None else sid in stats.holding
+            if flags & _ACK and not acked:
+                stats.refused += 1
+            else:
+                stats.resets += 1
+        if stream is None:
+            if flags & _RST:
+                stats.holding.discard(sid)
+            elif flags & _ACK:
+                stats.accepted += 1
+                stats.holding.add(sid)
+            return
+        if flags & _RST:
+            stream.refused = bool(flags & _ACK) and not stream.acked
+            stream.rst = True
+        if flags & _ACK:
+            stream.acked = True
+        if frame.type is FrameType.WINDOW_UPDATE:
+            stream.send_window += frame.length
+        elif frame.length:
+            if stream.fin:
+                stats.violations.append(f"stream {sid}: data after its FIN")
+            stream.received += frame.length
+            if stream.received > stream.granted:
+                stats.violations.append(
+                    f"stream {sid}: {stream.received} bytes sent, {stream.granted} granted"
+                )
+            if stream.keep_data:
+                stream.data += frame.payload
+            if stream.auto_grant:  # no credit is due once its FIN came
+                stream.unacked += frame.length
+                if stream.unacked >= INITIAL_WINDOW // 2 and not flags & _FIN:
+                    self.window_update(sid, stream.unacked)
+                    stream.unacked = 0
+        if flags & _FIN:
+            stream.fin = True
+
+    # -- output -------------------------------------------------------------------------
+
+    def send_frame(
+        self, type_: FrameType, flags: Flag | int, stream_id: int, length: int, payload: bytes = b""
+    ) -> None:
+        """Any frame at all, unchecked (for frames that break the rules on purpose)."""
+        self._out.append(encode_header(type_, Flag(flags), stream_id, length))
+        if payload:
+            self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def send_raw(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self.lost and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    async def drain(self) -> None:
+        """Write what is queued; wait while the transport's buffer is over its high mark.
+        Always yields once, so that what the honest side sent is read meanwhile."""
+        self.flush()
+        await asyncio.sleep(0)
+        await self._writable.wait()
+
+    def next_stream_id(self) -> int:
+        stream_id = self._next_id
+        self._next_id += 2
+        return stream_id
+
+    def open(
+        self,
+        payload: bytes = b"",
+        *,
+        fin: bool = False,
+        window: int = 0,
+        track: bool = True,
+        auto_grant: bool = False,
+        keep_data: bool = True,
+    ) -> int:
+        """Open the next stream: SYN on DATA with `payload`, else on a WINDOW_UPDATE."""
+        if len(payload) > min(INITIAL_WINDOW, MAX_PAYLOAD):
+            raise ValueError("a first frame larger than the initial window")
+        sid = self.next_stream_id()
+        flags = _SYN | (_FIN if fin else Flag.NONE)
+        if payload:
+            self.send_frame(FrameType.DATA, flags, sid, len(payload), payload)
+        else:
+            self.send_frame(FrameType.WINDOW_UPDATE, flags, sid, window)
+        if track:
+            self.streams[sid] = RawStream(
+                sid,
+                keep_data=keep_data,
+                auto_grant=auto_grant,
+                granted=INITIAL_WINDOW + window * (not payload),
+                send_window=INITIAL_WINDOW - len(payload),
+                fin_sent=fin,
+            )
+        return sid
+
+    def data(self, sid: int, payload: bytes, *, fin: bool = False) -> None:
+        """DATA on a stream, within its send window when it is tracked."""
+        stream = self.streams.get(sid)
+        if stream is not None:
+            if len(payload) > stream.send_window:
+                raise ValueError(f"stream {sid}: {len(payload)} bytes, window {stream.send_window}")
+            stream.send_window -= len(payload)
+            stream.fin_sent |= fin
+        for start in range(0, max(len(payload), 1), MAX_PAYLOAD):
+            part = payload[start : start + MAX_PAYLOAD]
+            last = start + MAX_PAYLOAD >= len(payload)
+            flags = _FIN if fin and last else Flag.NONE
+            self.send_frame(FrameType.DATA, flags, sid, len(part), part)
+
+    def window_update(self, sid: int, delta: int, flags: Flag = Flag.NONE) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.granted += delta
+        self.send_frame(FrameType.WINDOW_UPDATE, flags, sid, delta)
+
+    def fin(self, sid: int) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.fin_sent = True
+        self.send_frame(FrameType.WINDOW_UPDATE, _FIN, sid, 0)
+
+    def rst(self, sid: int) -> None:
+        self.send_frame(FrameType.WINDOW_UPDATE, _RST, sid, 0)
+
+    def ping(self, opaque: int, *, ack: bool = False) -> None:
+        self.send_frame(FrameType.PING, _ACK if ack else _SYN, 0, opaque)
+
+    def go_away(self, code: int = 0) -> None:
+        self.send_frame(FrameType.GO_AWAY, Flag.NONE, 0, code)
+
+    # -- reading control ------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop reading the TLS socket: its buffers, then the honest side's, fill up."""
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float) -> bool:
+        """Until `predicate()` holds (checked after every input); False after `within`
+        seconds or when the connection is gone without it."""
+        deadline = self._loop.time() + within
+        while not predicate():
+            if self.lost:
+                return predicate()
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
+        return True
+
+    async def sync(self, within: float = 30.0) -> bool:
+        """Ping and wait for the pong: the honest side has then processed everything we
+        sent before it (frames are handled in order) and flushed its answers."""
+        self._ping_opaque += 1
+        opaque = self._ping_opaque
+        self.ping(opaque)
+        self.flush()
+        ok = await self.wait_for(lambda: opaque in self.pongs, within)
+        self.pongs.discard(opaque)
+        return ok
+
+    async def read_frame(self, within: float) -> Frame | None:
+        """The next frame received (needs keep_frames=True); None after `within` s or the end."""
+        assert self.keep_frames, "frames are only kept with keep_frames=True"
+        await self.wait_for(lambda: bool(self.frames), within)
+        return self.frames.popleft() if self.frames else None
+
+    async def aclose(self, linger: float = 10.0) -> None:
+        """End the session in order: GO_AWAY(0), then read on until the honest side's
+        go-away (its receipt) or the end of the connection, then close; abort if it will
+        not end. Closing earlier, with its data still unread, would send a TCP RST that can
+        destroy our GO_AWAY in its receive queue: it would see a reset, not a goodbye."""
+        if not self.lost:
+            self.go_away(0)
+            self.flush()
+            await self.wait_for(lambda: self.stats.goaway is not None or self.eof, linger)
+            self.transport.close()
+            await self.wait_for(lambda: self.lost, linger)
+        if not self.lost:
+            self.transport.abort()
+            await self.wait_for(lambda: self.lost, 1.0)
+
+
+# -- a well-behaved stream ---------------------------------------------------------------------
+
+
+@dataclass
+class EchoResult:
+    stream_id: int
+    answer: preamble.Answer | preamble.Request | None
+    echoed: bytes
+    fin: bool
+    reset: bool
+    refused: bool  # a mux-level refusal (ACK|RST) of the open
+    seconds: float
+
+    def ok(self, payload: bytes) -> bool:
+        return (
+            isinstance(self.answer, preamble.Accept)
+            and self.echoed == payload
+            and self.fin
+            and not self.reset
+        )
+
+    def describe(self) -> str:
+        return (
+            f"stream {self.stream_id}: answer {self.answer!r}, {len(self.echoed)} bytes echoed, "
+            f"fin {self.fin}, reset {self.reset}, refused {self.refused}, "
+            f"{self.seconds:.2f} s"
+        )
+
+
+async def echo_stream(
+    mux: RawMux, host: str, port: int, payload: bytes, *, within: float = 30.0
+) -> EchoResult:
+    """One well-behaved stream: CONNECT to an echo server, send, FIN, read it all back."""
+    started = time.monotonic()
+    request = preamble.encode(preamble.Connect(host, port))
+    first = payload[: INITIAL_WINDOW - len(request)]
+    sid = mux.open(request + first, track=True, auto_grant=True)
+    stream = mux.streams[sid]
+    sent = len(first)
+    deadline = asyncio.get_running_loop().time() + within
+
+    def progress() -> bool:
+        return stream.rst or stream.fin or (sent < len(payload) and stream.send_window > 0)
+
+    while not (stream.rst or stream.fin):
+        if sent < len(payload) and stream.send_window > 0:
+            n = min(len(payload) - sent, stream.send_window)
+            mux.data(sid, payload[sent : sent + n])
+            sent += n
+        if sent == len(payload) and not stream.fin_sent:
+            mux.fin(sid)
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0 or mux.lost:
+            break
+        await mux.drain()
+        await mux.wait_for(progress, left)
+    answer, echoed = _split_answer(bytes(stream.data))
+    return EchoResult(
+        sid, answer, echoed, stream.fin, stream.rst, stream.refused, time.monotonic() - started
+    )
+
+
+def _split_answer(data: bytes) -> tuple[preamble.Answer | preamble.Request | None, bytes]:
+    if len(data) < 2:
+        return None, data
+    length = int.from_bytes(data[:2], "big")
+    if len(data) < 2 + length:
+        return None, data
+    try:
+        return preamble.decode(data[2 : 2 + length]), data[2 + length :]
+    except preamble.PreambleError:
+        return None, data
