@@ -8,8 +8,8 @@ print a traceback, and keep serving well-behaved streams on the same session.
 Floods are paced by the honest side's own answers: each batch of 1,000 opens is followed by
 a ping whose pong the attacker awaits (an attacker that reads). A flood that does not wait
 owes the honest side over 1,024 replies at once, a protocol error by design
-(docs/PROTOCOL.md §6.9) that ends the session; that, and the crash it causes today, have
-their own test (xfail).
+(docs/PROTOCOL.md §6.9) that ends the session (and `forward` reconnects); that, and the
+crash it once caused (accept() on a session already terminated), have their own test.
 
 Figures measured on the 2-core development machine (peak RSS = VmHWM of the honest process,
 KiB; an idle forward after one echo stream: 52,540):
@@ -234,13 +234,6 @@ def test_open_flood_is_refused_in_merged_lines_and_the_honest_side_keeps_serving
     report(**figures, lines=len(lines), accepts=target_accepts(echo_proc))
 
 
-@pytest.mark.xfail(
-    reason="bug: a protocol error read in the same batch as a stream open kills `forward`: "
-    "Session.accept() calls Connection.accept_stream() on the terminated connection, the "
-    "LocalProtocolError escapes Forwarder.run ('internal error (a bug ...)', exit 1) "
-    "instead of ending the session and reconnecting",
-    strict=True,
-)
 @pytest.mark.parametrize("trigger", ["unpaced-flood", "open-then-malformed-frame"])
 def test_protocol_error_ends_the_session_but_not_the_process(
     procs: Procs, tmp_path: Path, trigger: str
@@ -290,12 +283,6 @@ def test_protocol_error_ends_the_session_but_not_the_process(
 MALFORMED = 5_000
 
 
-@pytest.mark.xfail(
-    reason="bug: `forward` logs one line per malformed open request ('reset a stream from "
-    "the peer: the stream ended inside its open message', forward.py _incoming): a peer "
-    "makes it write a line per open, thousands a second, where refusals are merged",
-    strict=True,
-)
 def test_malformed_open_requests_are_not_logged_one_line_per_stream(
     procs: Procs, tmp_path: Path
 ) -> None:

@@ -275,13 +275,6 @@ def test_signal_on_the_receiver_mid_transfer(
 # ---------------------------------- contract: a signal just after our input's end (ssh)
 
 
-@pytest.mark.xfail(
-    reason="bug: a signal that comes right after the writer closed our stdin, while its last "
-    "bytes are still unread in the pipe, aborts the transfer (StdinSource.at_eof_now sees "
-    "FIONREAD > 0 and reports 'not at EOF'); ssh does exactly this at logout",
-    strict=True,
-    raises=AssertionError,
-)
 def test_signal_right_after_input_ends_still_ends_in_order(
     either_loop: str, procs: Procs, tmp_path: Path
 ) -> None:
@@ -324,7 +317,7 @@ def test_signal_right_after_input_ends_still_ends_in_order(
         assert "Closed connection" in us.err and "Closed connection" in peer.err, context
 
     # Up to 40 times, until one fails: the race is lost in about 1 run of 5 here (2 cores), so a
-    # fixed tool passes all 40 (and the strict xfail reports it) but a broken one rarely does.
+    # fixed tool passes all 40, but a broken one rarely does.
     _repeat(40, scenario, first_failure_ends=True)
 
 
@@ -514,14 +507,6 @@ def _wait_listening(port: int, server: Proc, timeout: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    reason="bug: at logout ssh closes the ProxyCommand's stdin and SIGHUPs it at once; when "
-    "ssh's last bytes are still unread in the pipe the transfer is aborted (exit 1 on both "
-    "sides, sshd never gets ssh's disconnect); intermittent, 1 login in 3 to 10 here (see "
-    "test_signal_right_after_input_ends_still_ends_in_order)",
-    strict=False,
-    raises=AssertionError,
-)
 def test_ssh_proxycommand_recipe_three_logins(
     either_loop: str, procs: Procs, tmp_path: Path
 ) -> None:

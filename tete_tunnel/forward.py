@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tete_tunnel import preamble
 from tete_tunnel.errors import Closed, LinkBroken, TeteError, UsageError
+from tete_tunnel.log import Throttled
 from tete_tunnel.net import Address, endpoint, listen_on, resolve
 from tete_tunnel.policy import Policy
 from tete_tunnel.secure import SecureLink
@@ -44,7 +45,6 @@ CONNECT_TIMEOUT = 10.0  # connecting to a target
 LISTEN_BACKLOG = 512  # bursts of connections wait in the kernel, not in memory
 CONNECTION_WAIT = 30.0  # a connection that arrives while the link is down waits this long
 DEFAULT_MAX_CONNECTIONS = 512  # client connections at once per listener (--max-connections)
-REFUSAL_REPORT_INTERVAL = 5.0  # refused connections are logged once per interval
 
 
 @dataclass(frozen=True)
@@ -110,23 +110,6 @@ async def bind_listener(host: str, port: int) -> socket.socket:
     return listen_on(addresses[0], LISTEN_BACKLOG)
 
 
-class _Refusals:
-    """Connections a listener dropped: one log line per cause and interval, with a count."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.counts: dict[str, int] = {}
-        self.next_report: dict[str, float] = {}
-
-    def add(self, why: str) -> None:
-        count = self.counts[why] = self.counts.get(why, 0) + 1
-        now = asyncio.get_running_loop().time()
-        if now >= self.next_report.get(why, 0.0):
-            more = f" ({count} so far)" if count > 1 else ""
-            log.warning("%s: dropped a connection: %s%s", self.label, why, more)
-            self.next_report[why] = now + REFUSAL_REPORT_INTERVAL
-
-
 class _Reject(asyncio.Protocol):
     """A connection over the limit: reset at once, before any byte is read."""
 
@@ -167,7 +150,7 @@ class Relay:
         self._waiting: dict[Splice, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._refusals = _Refusals(label)
+        self._throttled = Throttled()
 
     @property
     def bound(self) -> str:
@@ -211,9 +194,14 @@ class Relay:
 
     # -- connections ------------------------------------------------------------------
 
+    def _drop(self, why: str) -> None:
+        """A connection we could not take: a burst of them is one line per cause."""
+        now = asyncio.get_running_loop().time()
+        self._throttled.warning(why, now, "%s: dropped a connection: %s", self.label, why)
+
     def _accepted(self) -> asyncio.Protocol:
         if len(self._conns) >= self._max:
-            self._refusals.add(f"{self._max} connections already (--max-connections)")
+            self._drop(f"{self._max} connections at once already (--max-connections)")
             return _Reject()
         conn = Splice(on_made=self._made, on_end=self._ended, answer_pending=True)
         self._conns.add(conn)
@@ -252,11 +240,16 @@ class Relay:
         if error is None or session_ended(error):
             return  # the session's end is reported once, by the supervisor
         if isinstance(error, Refused):
-            log.warning(
-                "%s: the peer refused the connection from %s: %s", self.label, conn.client, error
+            self._throttled.warning(
+                "refused",
+                asyncio.get_running_loop().time(),
+                "%s: the peer refused the connection from %s: %s",
+                self.label,
+                conn.client,
+                error,
             )
         elif isinstance(error, OpenFailed):
-            self._refusals.add(str(error))  # a burst is one line, with a count
+            self._drop(str(error))
         else:
             log.info("%s: connection from %s ended: %s", self.label, conn.client, error)
 
@@ -286,6 +279,7 @@ class Forwarder:
     _remote_by_stream: dict[int, ForwardSpec] = field(default_factory=dict)
     _interrupted: asyncio.Event | None = None
     _sessions: int = 0
+    _throttled: Throttled = field(default_factory=Throttled)
 
     async def prepare(self) -> None:
         """Bind the -L listeners before any link, so a taken port fails at once."""
@@ -400,6 +394,10 @@ class Forwarder:
 
     # -- the peer's requests --------------------------------------------------------------
 
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """A line the peer can provoke once per stream: at most one per kind every 5 s."""
+        self._throttled.warning(kind, asyncio.get_running_loop().time(), message, *args)
+
     async def _incoming(self, session: Session, stream: Stream) -> None:
         """Serve one stream the peer opened; whatever happens ends this stream only."""
         try:
@@ -407,7 +405,9 @@ class Forwarder:
                 async with asyncio.timeout(PREAMBLE_TIMEOUT):
                     request = await preamble.read_message(stream)
             except (TimeoutError, preamble.PreambleError) as exc:
-                log.warning("reset a stream from the peer: %s", exc or "no open request in time")
+                self._warn(
+                    "bad-request", "reset a stream from the peer: %s", exc or "no open request"
+                )
                 stream.reset()
                 return
             match request:
@@ -425,7 +425,7 @@ class Forwarder:
             log.info("a stream from the peer ended: %s", exc)
             stream.reset()
         except Exception as exc:  # one stream's failure never ends the others
-            log.warning("a stream from the peer failed and was reset: %r", exc)
+            self._warn("stream-failed", "a stream from the peer failed and was reset: %r", exc)
             log.debug("stream failure", exc_info=True)
             stream.reset()
 
@@ -437,7 +437,9 @@ class Forwarder:
             return
         refusal = self.policy.open_refusal(host, port, [a.ip for a in addresses])
         if refusal is not None:
-            log.warning("refused the peer's request to connect to %s", endpoint(host, port))
+            self._warn(
+                "refused-open", "refused the peer's request to connect to %s", endpoint(host, port)
+            )
             preamble.refuse(stream, refusal)
             return
         await self._connect_and_splice(stream, host, port, addresses, "the peer's -L")
@@ -450,7 +452,7 @@ class Forwarder:
         try:
             addresses = await resolve(spec.host, spec.port)
         except TeteError as exc:
-            log.warning("-R %s: %s", spec.text, exc)
+            self._warn("resolve", "-R %s: %s", spec.text, exc)
             preamble.refuse(stream, str(exc))
             return
         await self._connect_and_splice(stream, spec.host, spec.port, addresses, f"-R {spec.text}")
@@ -469,7 +471,7 @@ class Forwarder:
                 per_address=CONNECT_TIMEOUT,
             )
         except ConnectFailed as exc:
-            log.warning("%s: %s", label, exc)
+            self._warn("connect-failed", "%s: %s", label, exc)
             preamble.refuse(stream, str(exc))
         except (Closed, LinkBroken):
             pass
@@ -485,13 +487,15 @@ class Forwarder:
             return
         refusal = self.policy.listen_refusal(host, port, [a.ip for a in addresses])
         if refusal is not None:
-            log.warning("refused the peer's request to listen on %s", endpoint(host, port))
+            self._warn(
+                "refused-listen", "refused the peer's request to listen on %s", endpoint(host, port)
+            )
             preamble.refuse(stream, refusal)
             return
         try:
             sock = listen_on(addresses[0], LISTEN_BACKLOG)  # the address checked, not the name
         except TeteError as exc:
-            log.warning("the peer's -R: %s", exc)
+            self._warn("listen-failed", "the peer's -R: %s", exc)
             preamble.refuse(stream, str(exc))
             return
         bound = sock.getsockname()[1]

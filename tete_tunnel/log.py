@@ -21,6 +21,34 @@ def setup_logging(verbosity: int) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    # The event loop's own logger (asyncio's, which uvloop uses too) would print bare,
+    # undated lines such as uvloop's "SSL connection is closed" for a client that reset
+    # while we wrote. Its errors (a bug somewhere) still show, dated; the rest with -vv.
+    loop_log = logging.getLogger("asyncio")
+    loop_log.handlers[:] = [handler]
+    loop_log.setLevel(logging.DEBUG if verbosity >= 2 else logging.ERROR)
+    loop_log.propagate = False
+
+
+class Throttled:
+    """Log lines that a peer or a crowd of clients can provoke at will: the first of each
+    kind in an interval is logged, later ones are counted into the next line of that kind."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, now: float, message: str, *args: object) -> None:
+        if now < self._next.get(kind, 0.0):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        held = self._held.pop(kind, 0)
+        self._next[kind] = now + self.interval
+        if held:
+            log.warning(message + " (and %d more like it before)", *args, held)
+        else:
+            log.warning(message, *args)
 
 
 class SafeFormatter(logging.Formatter):

@@ -16,15 +16,13 @@ coroutine), so an ending loop cannot leave them with a traceback or an unawaited
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import queue
 import select
-import termios
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from tete_tunnel.supervisor import Ending
 log = logging.getLogger("tete_tunnel")
 
 CHUNK = 256 * 1024
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # a socket's peer shut its writing side
 # After a signal, how long the transfer may take to finish by itself: ssh closes a
 # ProxyCommand's standard input and sends it SIGHUP right after, at a normal logout.
 SIGNAL_GRACE = 0.5
@@ -93,18 +92,23 @@ class StdinSource:
         return chunk
 
     def at_eof_now(self) -> bool:
-        """The writer of our pipe or socket has gone and nothing is left to read."""
+        """Whatever writes our input has gone (bytes may still be left to read): a pipe or
+        socket whose writer closed, or a regular file, which always ends. A terminal never."""
         if self.ended or any(isinstance(c, bytes) and not c for c in self._chunks):
             return True
         try:
-            readable, _, _ = select.select([self._fd], [], [], 0)
-            if not readable:
+            if os.isatty(self._fd):
                 return False
-            left = array.array("i", [0])
-            fcntl.ioctl(self._fd, termios.FIONREAD, left)
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                return True
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN | _POLLRDHUP)
+            events = poller.poll(0)
         except (OSError, ValueError):
             return False
-        return left[0] == 0 and not os.isatty(self._fd)
+        # POLLHUP: every writer of a pipe has closed, even with bytes still unread (ssh
+        # writes its last packets, closes, and sends SIGHUP within a millisecond).
+        return any(mask & (select.POLLHUP | _POLLRDHUP) for _, mask in events)
 
     def stop(self) -> None:
         """Read no more (a read already under way is abandoned with the thread)."""

@@ -395,6 +395,7 @@ class Session:
         self._incoming_ready.set()
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
+        self._report_abuse(self._loop.time(), final=True)  # what the last interval refused
         if error is None:
             self._transport.close()  # close_notify after what is buffered
         else:
@@ -436,7 +437,7 @@ class Session:
             self._incoming_ready.clear()
             await self._incoming_ready.wait()
         stream = self._incoming.popleft()
-        if stream.id in self.conn.stream_ids:
+        if self.conn.terminated is None and stream.id in self.conn.stream_ids:
             self.conn.accept_stream(stream.id)
             self._schedule_flush()
         return stream
@@ -601,11 +602,13 @@ class Session:
                     return
             if self.conn.has_data_to_send():
                 self._schedule_flush()
-            if now >= self._next_report:
-                self._report_abuse(now)
+            self._report_abuse(now)
 
-    def _report_abuse(self, now: float) -> None:
-        """One line per interval for opens we refused, however many there were."""
+    def _report_abuse(self, now: float, final: bool = False) -> None:
+        """One line per interval for opens we refused, however many there were (and one
+        for the last interval when the session ends)."""
+        if now < self._next_report and not final:
+            return
         refused, throttled = self.conn.refused_opens, self.conn.throttled_opens
         new_refused, new_throttled = refused - self._reported[0], throttled - self._reported[1]
         if not (new_refused or new_throttled):
