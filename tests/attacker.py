@@ -1,31 +1,74 @@
-"""A hostile peer for a real `tete-tunnel forward` process: authenticated, then lawless.
+"""An attacker against a real `tete-tunnel` process: a stranger, a guesser, a man in the
+middle, or an authenticated peer that is lawless.
 
-The honest side is the real tool, run as a process; the attacker is this test process. It
-gets a genuine authenticated link with the library's own connector (so the handshake is
-not what is under test) and then, instead of running a Session, writes and reads raw mux
-frames on the TLS transport: it may open streams faster than anyone should, reset them at
-once, never grant window, never read. Two layers, kept apart so handshake-level attacks
-(guess and close, echo, refuse) can reuse the first without the second:
+The victim is the real tool, run as a process (`forward` or `pipe`); the attacker is this
+test process. At the handshake level it speaks HELLO / FINISH / REFUSE by hand on a raw
+socket, as a stranger on the port or a man in the middle could. At the mux level it gets a
+genuine authenticated link with the library's own connector (so the handshake is not what
+is under test) and then, instead of running a Session, writes and reads raw mux frames on
+the TLS transport: it may open streams faster than anyone should, reset them at once, never
+grant window, never read, answer with any text. Three layers, kept apart so that each
+reuses the one before:
 
-Link level (the process and getting an authenticated link to it)
-    honest = start_forward(procs, tmp, *extra_args)    `forward --peer-ip 127.0.0.1
-                                                        --lport P --rport Q ...` (unverified)
-    honest.alive(), .peak_rss_kib(), .rss_kib(), .err  the process as the tests judge it
-    sock = await punch_to(honest, deadline)            a raw TCP socket to its punch port
-                                                        (our lport Q, rport P): for
-                                                        handshake-level attacks
-    link = await link_to(honest, identity_dir)         DirectConnector with the identity
-                                                        in identity_dir (created if new),
-                                                        unverified: an authenticated
-                                                        SecureLink (carrier = TLS transport).
-                                                        `forward` pins its first peer: come
-                                                        back with the same identity_dir.
+Link level (the process and getting a connection or an authenticated link to it)
+    victim = start_victim(procs, tmp, command, *extra, stdin=None, name="victim",
+                          timeout=60)           `COMMAND --peer-ip 127.0.0.1 --lport P
+                                                --rport Q --identity tmp/name ...`
+                                                (unverified unless extra says otherwise)
+    honest = start_forward(procs, tmp, *extra_args)    `forward` so (name "honest")
+    victim = start_pipe(procs, tmp, *extra, stdin=b"...")   `pipe` so, stdin from bytes
+    victim.alive(), .peak_rss_kib(), .rss_kib(), .err, .pid   the process as tests judge it
+    victim.identity()                   its Identity (create tmp/name with load_or_create
+                                        before starting it to know it beforehand)
+    peer_args(victim)                   the connection arguments of its real peer
+    sock = await punch_to(victim, deadline)    a raw TCP socket to its punch port, punched
+                                        as its peer would (our lport Q, rport P): one 4-tuple
+    sock = await connect_to(victim)     a raw TCP socket to its punch port from an ephemeral
+                                        port of ours (still the peer's address, so it is
+                                        handshaken): several can be open at once
+    link = await link_to(victim, identity_dir)   DirectConnector with the identity in
+                                        identity_dir (created if new), unverified: an
+                                        authenticated SecureLink (carrier = TLS transport).
+                                        `forward` pins its first peer: come back with the
+                                        same identity_dir.
+    (`HonestForward` is the old name of `Victim`.)
+
+Handshake level (a raw socket from punch_to / connect_to, before any authentication; each
+function closes the socket when done; `within` bounds each wait (default 10 s, the victim's
+own pre-authentication deadline); `seen=bytearray()` collects every byte read; NoAnswer
+when the victim does not answer as a peer would: closed, reset, REFUSE, silence, garbage)
+    right = await guess_code(sock, identity, guess, linger=0.0)
+                                        HELLO with a SPAKE2 message for `guess`
+                                        (SPAKE2_Symmetric, idSymmetric b"tete-tunnel/1" as in
+                                        secure.py); reads its HELLO and FINISH, checks its
+                                        key-confirmation MAC offline (HMAC over both HELLOs,
+                                        docs/PROTOCOL.md §4.6), reads on for `linger` s and
+                                        closes without our FINISH: True if the guess was right
+    dropped = await echo_hello(sock)    its HELLO sent back byte for byte (an echo service);
+                                        True if it then closed the connection
+    dropped = await send_refuse(sock, reason)   its HELLO read, REFUSE(reason) (any byte)
+                                        sent, our side shut: True if it then closed
+    reason = await hello_with(sock, identity)   HELLO with that certificate (another one,
+                                        or the victim's own), no code message; its answer
+                                        read and the connection closed without our FINISH:
+                                        its REFUSE reason, or None if it sent FINISH
+    held = await stall(sock, within=20) nothing sent at all: seconds until the victim closed
+                                        the connection, None if it had not within `within`
+    code = await grind_safety_code(sock, identity)   a full HELLO + FINISH exchange in
+                                        unverified mode, dropped before TLS: the victim
+                                        revealed its nonce (checked against its commitment),
+                                        so that attempt's safety code (returned) is known to
+                                        the attacker, as a man in the middle retrying to
+                                        match codes would learn it
+    Lower bricks: read_message, read_hello, read_finish, make_hello, confirmation,
+    until_closed.
 
 Mux level (raw frames over that link)
     mux = RawMux(link)                  takes the TLS transport over (set_protocol), decodes
                                         every frame (FrameDecoder), answers pings (unless
                                         answer_pings=False), refuses streams the honest side
-                                        opens (ACK|RST), counts everything in `mux.stats`
+                                        opens (ACK|RST; refuse_peer_opens=False: keeps them
+                                        for us to answer), counts everything in `mux.stats`
     sid = mux.open(payload, fin=False, window=0, track=True, auto_grant=False)
                                         a new stream id of our parity (TLS client: odd),
                                         strictly increasing: DATA|SYN with the payload, or
@@ -42,6 +85,11 @@ Mux level (raw frames over that link)
     await mux.wait_for(predicate, within)   until it holds after some input; False if not
     mux.streams[sid]                    RawStream: data, received, granted, send_window,
                                         acked, fin, rst, refused (ACK|RST before any ACK)
+    mux.peer_data[sid]                  what arrived on a stream the honest side opened
+                                        (refuse_peer_opens=False only)
+    mux.peer_request(sid)               its open request, decoded, once it has all arrived
+    mux.answer(sid, answer, fin=True)   accept it (ACK) with a preamble answer of our choice
+                                        as the first data: Accept, Bound, Refuse(any text)
     mux.stats                           MuxStats: frames by kind, refused (our opens answered
                                         ACK|RST), accepted / holding (untracked opens ACKed,
                                         not reset since), resets, fins, data_bytes, goaway
@@ -72,6 +120,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import os
 import socket
 import time
 from collections import Counter, deque
@@ -79,14 +130,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import spake2
+
 from tests.helpers import Proc, Procs, free_ports, pair_args
+from tete_tunnel import hello as msg
 from tete_tunnel import preamble
 from tete_tunnel.connector import DirectConnector, LinkConfig
-from tete_tunnel.identity import load_or_create
+from tete_tunnel.errors import HandshakeError
+from tete_tunnel.identity import Identity, fingerprint, load_or_create
 from tete_tunnel.mux.connection import INITIAL_WINDOW
 from tete_tunnel.mux.frames import MAX_PAYLOAD, Flag, Frame, FrameDecoder, FrameType, encode_header
 from tete_tunnel.punch import listen, punch
-from tete_tunnel.secure import SecureLink
+from tete_tunnel.secure import PREAUTH_TIMEOUT, SPAKE_ID, SecureLink, safety_code
 
 LOOPBACK = "127.0.0.1"
 
@@ -94,12 +149,13 @@ LOOPBACK = "127.0.0.1"
 
 
 @dataclass
-class HonestForward:
-    """A `tete-tunnel forward` process punching from `lport` to our `rport`."""
+class Victim:
+    """A tool process (`forward` or `pipe`) punching from `lport` to our `rport`."""
 
     proc: Proc
     lport: int  # its --lport: where we dial
     rport: int  # its --rport: our port
+    identity_dir: Path  # its --identity
 
     @property
     def pid(self) -> int:
@@ -111,6 +167,10 @@ class HonestForward:
 
     def alive(self) -> bool:
         return self.proc.popen.poll() is None
+
+    def identity(self) -> Identity:
+        """Its identity (the same file the process loads: its certificate, its ID)."""
+        return load_or_create(self.identity_dir)
 
     def _status(self, field_name: str) -> int:
         """A VmXXX figure from /proc/PID/status, in KiB."""
@@ -128,33 +188,328 @@ class HonestForward:
         return self._status("VmRSS")
 
 
-def start_forward(procs: Procs, tmp: Path, *extra: str, name: str = "honest") -> HonestForward:
-    """Start the honest side: `forward` in unverified mode on loopback, waiting for us."""
+HonestForward = Victim  # the name the hostile-peer tests know it by
+
+
+def start_victim(
+    procs: Procs,
+    tmp: Path,
+    command: str,
+    *extra: str,
+    stdin: bytes | None = None,
+    name: str = "victim",
+    timeout: float = 60.0,
+) -> Victim:
+    """Start `command` (pipe or forward) on loopback, waiting for us; unverified unless
+    `extra` says otherwise (--peer-id, --code). Its identity is `tmp / name`: create it
+    first (load_or_create) to know its certificate before it starts."""
     lport, rport = free_ports(2)
     args, _ = pair_args(lport, rport)
+    identity_dir = tmp / name
     proc = procs.start(
-        ["forward", *args, "--identity", str(tmp / name), "--timeout", "60", *extra], name=name
+        [command, *args, "--identity", str(identity_dir), "--timeout", f"{timeout:g}", *extra],
+        stdin=stdin,
+        name=name,
     )
-    return HonestForward(proc, lport, rport)
+    return Victim(proc, lport, rport, identity_dir)
 
 
-async def punch_to(honest: HonestForward, deadline: float) -> socket.socket:
-    """A raw, connected TCP socket to the honest side's punch port (no handshake yet)."""
-    listener = listen(socket.AF_INET, honest.rport)
+def start_forward(procs: Procs, tmp: Path, *extra: str, name: str = "honest") -> Victim:
+    """Start the honest side: `forward` in unverified mode on loopback, waiting for us."""
+    return start_victim(procs, tmp, "forward", *extra, name=name)
+
+
+def start_pipe(
+    procs: Procs,
+    tmp: Path,
+    *extra: str,
+    stdin: bytes = b"",
+    name: str = "victim",
+    timeout: float = 60.0,
+) -> Victim:
+    """Start `pipe` on loopback with `stdin` as its input, waiting for us."""
+    return start_victim(procs, tmp, "pipe", *extra, stdin=stdin, name=name, timeout=timeout)
+
+
+def peer_args(victim: Victim) -> list[str]:
+    """The connection arguments of the victim's real peer (our ports, its as the remote)."""
+    return ["--peer-ip", LOOPBACK, "--lport", str(victim.rport), "--rport", str(victim.lport)]
+
+
+async def punch_to(victim: Victim, deadline: float) -> socket.socket:
+    """A raw, connected TCP socket to the victim's punch port (no handshake yet), punched
+    as its peer would: from our port `rport` to its `lport`."""
+    listener = listen(socket.AF_INET, victim.rport)
     try:
-        return await punch(LOOPBACK, honest.lport, honest.rport, deadline, listener=listener)
+        return await punch(LOOPBACK, victim.lport, victim.rport, deadline, listener=listener)
     finally:
         listener.close()
 
 
-async def link_to(honest: HonestForward, identity_dir: Path, within: float = 30.0) -> SecureLink:
-    """An authenticated link to the honest side, made by the library's own connector."""
+async def connect_to(victim: Victim, within: float = 5.0) -> socket.socket:
+    """A raw, connected TCP socket to the victim's punch port from an ephemeral port of
+    ours: it comes from the peer's address, so the victim handshakes it like the peer's,
+    and unlike `punch_to` (one 4-tuple) several can be open at once."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(within):
+            await loop.sock_connect(sock, (LOOPBACK, victim.lport))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def link_to(victim: Victim, identity_dir: Path, within: float = 30.0) -> SecureLink:
+    """An authenticated link to the victim, made by the library's own connector."""
     identity = load_or_create(identity_dir)
     config = LinkConfig(
-        peer_ip=LOOPBACK, local_port=honest.rport, peer_port=honest.lport, timeout=within
+        peer_ip=LOOPBACK, local_port=victim.rport, peer_port=victim.lport, timeout=within
     )
     loop = asyncio.get_running_loop()
     return await DirectConnector(config, identity).connect(loop.time() + within)
+
+
+# -- handshake level -------------------------------------------------------------------------
+
+HANDSHAKE_WITHIN = PREAUTH_TIMEOUT  # how long the victim itself gives a handshake
+
+
+class NoAnswer(Exception):
+    """The victim did not answer as a peer would: it closed or reset the connection, sent
+    REFUSE or something that is not tete-tunnel, or nothing in time (the message says)."""
+
+
+async def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+    except OSError as exc:
+        raise NoAnswer(f"sending failed: {exc!r}") from exc
+
+
+async def _recv_exactly(
+    sock: socket.socket, n: int, deadline: float, what: str, seen: bytearray | None
+) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                chunk = await loop.sock_recv(sock, n - len(buf))
+        except TimeoutError:
+            raise NoAnswer(f"no {what} in time ({len(buf)} of {n} bytes)") from None
+        except OSError as exc:
+            raise NoAnswer(f"the connection failed while waiting for {what}: {exc!r}") from exc
+        if not chunk:
+            raise NoAnswer(f"the victim closed the connection (waiting for {what})")
+        buf += chunk
+        if seen is not None:
+            seen += chunk
+    return bytes(buf)
+
+
+async def read_message(
+    sock: socket.socket, *, within: float = HANDSHAKE_WITHIN, seen: bytearray | None = None
+) -> tuple[msg.MessageType, bytes, bytes]:
+    """The victim's next pre-TLS message: its type, its body, and the whole message as sent
+    (header included, as the key confirmation hashes it)."""
+    deadline = asyncio.get_running_loop().time() + within
+    header = await _recv_exactly(sock, msg.HEADER_SIZE, deadline, "a message", seen)
+    try:
+        kind, length = msg.parse_header(header)
+    except HandshakeError as exc:
+        raise NoAnswer(f"not a tete-tunnel message: {exc}") from exc
+    body = await _recv_exactly(sock, length, deadline, f"a {kind.name} body", seen)
+    return kind, body, header + body
+
+
+def _refused_or_not(kind: msg.MessageType, body: bytes, expected: msg.MessageType) -> None:
+    if kind == msg.MessageType.REFUSE:
+        raise NoAnswer(f"it sent REFUSE({msg.parse_refuse(body).reason}), not {expected.name}")
+    if kind != expected:
+        raise NoAnswer(f"it sent {kind.name}, not {expected.name}")
+
+
+async def read_hello(
+    sock: socket.socket, *, within: float = HANDSHAKE_WITHIN, seen: bytearray | None = None
+) -> tuple[bytes, msg.Hello]:
+    """The victim's HELLO: the whole message as sent, and parsed."""
+    kind, body, whole = await read_message(sock, within=within, seen=seen)
+    _refused_or_not(kind, body, msg.MessageType.HELLO)
+    return whole, msg.parse_hello(body)
+
+
+async def read_finish(
+    sock: socket.socket,
+    hello: msg.Hello,
+    *,
+    within: float = HANDSHAKE_WITHIN,
+    seen: bytearray | None = None,
+) -> msg.Finish:
+    """The victim's FINISH, its nonce checked against the commitment in its `hello`."""
+    kind, body, _ = await read_message(sock, within=within, seen=seen)
+    _refused_or_not(kind, body, msg.MessageType.FINISH)
+    finish = msg.parse_finish(body)
+    if hashlib.sha256(finish.nonce).digest() != hello.commitment:
+        raise NoAnswer("its nonce does not match the commitment in its HELLO")
+    return finish
+
+
+def make_hello(identity: Identity, spake_message: bytes = b"") -> tuple[bytes, bytes]:
+    """A HELLO of ours with `identity`'s certificate: the message and the nonce it commits to."""
+    nonce = os.urandom(msg.NONCE_SIZE)
+    hello = msg.Hello(hashlib.sha256(nonce).digest(), identity.cert_der, spake_message)
+    return msg.encode_hello(hello), nonce
+
+
+def confirmation(key: bytes, sender_fp: bytes, hellos: list[tuple[bytes, bytes]]) -> bytes:
+    """MAC(sender) of docs/PROTOCOL.md §4.6; `hellos` = both (fingerprint, HELLO message)."""
+    (_, lo), (_, hi) = sorted(hellos)
+    transcript = hashlib.sha256(lo + hi).digest()
+    return hmac.new(key, b"tete-tunnel confirm" + sender_fp + transcript, hashlib.sha256).digest()
+
+
+async def until_closed(sock: socket.socket, within: float, seen: bytearray | None = None) -> bool:
+    """Read (and record) whatever comes until the victim closes or resets the connection;
+    False if it was still open after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(within):
+            while chunk := await loop.sock_recv(sock, 65536):
+                if seen is not None:
+                    seen += chunk
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # a reset: closed all the same
+    return True
+
+
+async def guess_code(
+    sock: socket.socket,
+    identity: Identity,
+    guess: str,
+    *,
+    within: float = HANDSHAKE_WITHIN,
+    linger: float = 0.0,
+    seen: bytearray | None = None,
+) -> bool:
+    """One online guess at a --code victim's code: our HELLO with a SPAKE2 message for
+    `guess`, then its HELLO and FINISH, whose MAC is checked offline (what an attacker
+    takes home); we close without our FINISH (after reading on for `linger` seconds).
+    True if the guess was right. NoAnswer if the victim never sent its FINISH."""
+    try:
+        spake = spake2.SPAKE2_Symmetric(guess.encode("utf-8"), idSymmetric=SPAKE_ID)
+        ours, _ = make_hello(identity, spake.start())
+        await _send(sock, ours)
+        theirs, hello = await read_hello(sock, within=within, seen=seen)
+        if not hello.spake_message:
+            raise NoAnswer("its HELLO carries no code message: it does not use --code")
+        finish = await read_finish(sock, hello, within=within, seen=seen)
+        key = spake.finish(hello.spake_message)
+        victim_fp = fingerprint(hello.cert_der)
+        expected = confirmation(key, victim_fp, [(identity.fingerprint, ours), (victim_fp, theirs)])
+        if linger:
+            await until_closed(sock, linger, seen)
+        return hmac.compare_digest(finish.mac, expected)
+    finally:
+        sock.close()
+
+
+async def echo_hello(
+    sock: socket.socket, *, within: float = HANDSHAKE_WITHIN, seen: bytearray | None = None
+) -> bool:
+    """Read the victim's HELLO and send it back byte for byte, as an echo service would;
+    True if the victim then dropped the connection within `within` seconds."""
+    try:
+        theirs, _ = await read_hello(sock, within=within, seen=seen)
+        await _send(sock, theirs)
+        return await until_closed(sock, within, seen)
+    finally:
+        sock.close()
+
+
+async def send_refuse(
+    sock: socket.socket,
+    reason: int,
+    *,
+    within: float = HANDSHAKE_WITHIN,
+    seen: bytearray | None = None,
+) -> bool:
+    """Read the victim's HELLO and answer REFUSE(reason) (any byte: unknown reasons too),
+    as a peer that will not have it does; True if the victim then dropped the connection
+    within `within` seconds (our writing side is shut first, so no reset destroys the
+    REFUSE)."""
+    try:
+        await read_hello(sock, within=within, seen=seen)
+        header = msg.HEADER.pack(msg.MAGIC, msg.VERSION, msg.MessageType.REFUSE, 1)
+        await _send(sock, header + bytes([reason]))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        return await until_closed(sock, within, seen)
+    finally:
+        sock.close()
+
+
+async def hello_with(
+    sock: socket.socket,
+    identity: Identity,
+    *,
+    within: float = HANDSHAKE_WITHIN,
+    seen: bytearray | None = None,
+) -> int | None:
+    """A HELLO with `identity`'s certificate (another one, or the victim's own), no code
+    message; then close without our FINISH. Returns the reason of the victim's REFUSE, or
+    None if it answered FINISH (it took the certificate and revealed its nonce)."""
+    try:
+        ours, _ = make_hello(identity)
+        await _send(sock, ours)
+        await read_hello(sock, within=within, seen=seen)
+        kind, body, _ = await read_message(sock, within=within, seen=seen)
+        if kind == msg.MessageType.REFUSE:
+            return msg.parse_refuse(body).reason
+        _refused_or_not(kind, body, msg.MessageType.FINISH)
+        return None
+    finally:
+        sock.close()
+
+
+async def stall(
+    sock: socket.socket, *, within: float = 2 * HANDSHAKE_WITHIN, seen: bytearray | None = None
+) -> float | None:
+    """Send nothing at all (the victim's HELLO is read and recorded); the seconds until the
+    victim closed the connection, or None if it was still open after `within`."""
+    started = time.monotonic()
+    try:
+        if await until_closed(sock, within, seen):
+            return time.monotonic() - started
+        return None
+    finally:
+        sock.close()
+
+
+async def grind_safety_code(
+    sock: socket.socket,
+    identity: Identity,
+    *,
+    within: float = HANDSHAKE_WITHIN,
+    seen: bytearray | None = None,
+) -> str:
+    """One attempt of a man in the middle at matching an unverified victim's safety code: a
+    full HELLO + FINISH exchange (no code message), then drop before TLS. The victim has
+    revealed its nonce (checked against its commitment), so that attempt's safety code is
+    known here and returned; the victim drew one and must count it."""
+    try:
+        ours, nonce = make_hello(identity)
+        await _send(sock, ours)
+        _, hello = await read_hello(sock, within=within, seen=seen)
+        await _send(sock, msg.encode_finish(msg.Finish(nonce, b"")))
+        finish = await read_finish(sock, hello, within=within, seen=seen)
+        return safety_code(identity.fingerprint, nonce, fingerprint(hello.cert_der), finish.nonce)
+    finally:
+        sock.close()
 
 
 # -- mux level -------------------------------------------------------------------------------
@@ -223,6 +578,7 @@ class RawMux(asyncio.Protocol):
         self.answer_pings = answer_pings
         self.refuse_peer_opens = refuse_peer_opens
         self.streams: dict[int, RawStream] = {}
+        self.peer_data: dict[int, bytearray] = {}  # the honest side's streams, kept
         self.stats = MuxStats()
         self.frames: deque[Frame] = deque()
         self.pongs: set[int] = set()  # opaque values of the pongs received
@@ -301,6 +657,10 @@ class RawMux(asyncio.Protocol):
                 stats.peer_opens.append(sid)
                 if self.refuse_peer_opens:
                     self.send_frame(FrameType.WINDOW_UPDATE, _ACK | _RST, sid, 0)
+                else:
+                    self.peer_data[sid] = bytearray()
+            if frame.type is FrameType.DATA and sid in self.peer_data:
+                self.peer_data[sid] += frame.payload
             return
         if sid >= self._next_id:
             stats.violations.append(f"{_kind(frame)} on stream {sid}, which we never opened")
@@ -430,6 +790,17 @@ class RawMux(asyncio.Protocol):
             last = start + MAX_PAYLOAD >= len(payload)
             flags = _FIN if fin and last else Flag.NONE
             self.send_frame(FrameType.DATA, flags, sid, len(part), part)
+
+    def peer_request(self, sid: int) -> preamble.Request | preamble.Answer | None:
+        """The open request on a stream the honest side opened; None until it has arrived."""
+        request, _ = _split_answer(bytes(self.peer_data.get(sid, b"")))
+        return request
+
+    def answer(self, sid: int, answer: preamble.Answer, *, fin: bool = True) -> None:
+        """Accept a stream the honest side opened (ACK) with `answer` as our first data."""
+        payload = preamble.encode(answer)
+        flags = _ACK | (_FIN if fin else Flag.NONE)
+        self.send_frame(FrameType.DATA, flags, sid, len(payload), payload)
 
     def window_update(self, sid: int, delta: int, flags: Flag = Flag.NONE) -> None:
         stream = self.streams.get(sid)
