@@ -14,9 +14,9 @@ raw mux frames over a genuine link (mux level). What must hold:
 5. The listen policy for a peer's -R judges the addresses a name resolves to, every one of
    them, and binds the address it judged.
 
-Two bugs found on the way have tests marked xfail(strict=True) at the end of this file: the
-merged drop count is printed after the link's announcement, not after the drop it counts;
-a drop while the victim is the TLS server reads "TLS handshake failed: " with no reason.
+Two bugs found on the way (now fixed) have their tests at the end of this file: the merged
+drop count was printed after the link's announcement, not after the drop it counts; a drop
+while the victim is the TLS server read "TLS handshake failed: " with no reason.
 
 Figures measured on the 2-core development machine (each test prints its own with -s; the
 whole file takes 45-50 s, 31 tests):
@@ -682,15 +682,9 @@ def test_listen_policy_allows_loopback_and_binds_the_address_it_judged(
     assert [call for call in resolver if call[0] == host] == [(host, 0, True)]
 
 
-# -- bugs found on the way ------------------------------------------------------------------
+# -- bugs found on the way (fixed) --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="bug: connector.py flushes the merged drop count in connect()'s finally, after "
-    "announce() printed the safety code and peer ID, so '(the same again N more times)' "
-    "follows the peer ID line instead of the drop line it counts",
-    strict=True,
-)
 def test_merged_drops_are_counted_before_the_link_is_announced(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -718,12 +712,6 @@ def test_merged_drops_are_counted_before_the_link_is_announced(
     assert lines[at + 1] == "(the same again 1 more time)", victim.err
 
 
-@pytest.mark.xfail(
-    reason="bug: secure.py words a TLS failure as f'TLS handshake failed: {exc}', and the "
-    "ConnectionResetError() the loop raises when the TLS client closes has no text: the drop "
-    "line and the error at --timeout end in 'TLS handshake failed: '",
-    strict=True,
-)
 def test_a_drop_during_tls_names_its_cause(procs: Procs, tmp_path: Path) -> None:
     """A connection closed by the other side during TLS, the victim being the TLS server:
     the drop line, and the error at --timeout, say why (not "TLS handshake failed: ")."""

@@ -230,11 +230,11 @@ def test_wrong_rport_on_a_plain_tcp_server_is_not_hammered(
     assert elapsed < 25
     assert "Traceback" not in err
     final = lines[-1]
-    assert "error:" in final
-    if plain_server.behaviour == "silent":
-        assert "sent no complete handshake in time" in err
+    assert "error:" in final and "--rport" in final, final
+    if plain_server.behaviour == "silent":  # its connection is still handshaking at the end
+        assert "accepted our connection but sent no tete-tunnel handshake" in final, final
     else:
-        assert "something else answers at" in final and "--rport" in final, final
+        assert "something else answers at" in final, final
 
 
 def test_ipv4_on_one_side_and_ipv6_on_the_other_is_named(procs: Procs, tmp_path: Path) -> None:

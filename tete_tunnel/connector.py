@@ -171,8 +171,15 @@ class DirectConnector:
         finally:
             wait.drops.flush()
 
-    def explain(self, exc: PunchError, attempts: Attempts, drops: _Drops) -> PunchError:
-        """What punching saw, most telling first, for the message at the deadline."""
+    def explain(
+        self,
+        exc: PunchError,
+        attempts: Attempts,
+        drops: _Drops,
+        stalled: list[tuple[str, bool]],
+    ) -> PunchError:
+        """What punching saw, most telling first, for the message at the deadline.
+        `stalled`: connections still in their handshake then (and whether we dialed them)."""
         config = self.config
         where = endpoint(config.peer_ip, config.peer_port)
         for kind in ("wrong-id", "refused-id", "code-mismatch", "same-identity", "refused"):
@@ -188,6 +195,18 @@ class DirectConnector:
                 f"something else answers at {where} ({n} time{'s' if n != 1 else ''}; "
                 f"{drops.last_reason['not-a-peer']}): a wrong --rport? It is the port the "
                 "peer punches from (its --lport), as its NAT shows it"
+            )
+        if any(dialed for _, dialed in stalled):
+            return PunchError(
+                f"something at {where} accepted our connection but sent no tete-tunnel "
+                "handshake before the deadline: a wrong --rport? It is the port the peer "
+                "punches from (its --lport), as its NAT shows it"
+            )
+        if stalled:
+            return PunchError(
+                f"no peer was linked in time: {len(stalled)} connection(s) from "
+                f"{config.peer_ip} were still in their handshake at the deadline, sending "
+                "nothing that completes it"
             )
         if drops.total and attempts.dials:
             return PunchError(
@@ -237,6 +256,7 @@ class _Wait:
         self.family = family_of(self.config.peer_ip)
         self.won: asyncio.Future[SecureLink] = asyncio.get_running_loop().create_future()
         self.handshakes: set[asyncio.Task[None]] = set()
+        self.in_flight: dict[asyncio.Task[None], tuple[str, bool]] = {}  # far end, dialed
         self.dial_free = asyncio.Event()  # no dialed connection is being handshaken
         self.dial_free.set()
         self.dial_pause_until = 0.0
@@ -267,8 +287,10 @@ class _Wait:
                         self.attempts,
                     )
                 )
-                raise self.connector.explain(failure, self.attempts, self.drops)
+                stalled = [(far, dialed) for far, dialed in self.in_flight.values()]
+                raise self.connector.explain(failure, self.attempts, self.drops, stalled)
             link = self.won.result()
+            self.drops.flush()  # the count belongs before the new link's lines
             self.connector.announce(link)
             handed_over = True
             return link
@@ -310,7 +332,12 @@ class _Wait:
     def _start(self, sock: socket.socket, *, dialed: bool) -> None:
         task = asyncio.ensure_future(self._handshake(sock, dialed))
         self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
+        self.in_flight[task] = (_peer_name(sock), dialed)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.handshakes.discard(task)
+        self.in_flight.pop(task, None)
 
     async def _handshake(self, sock: socket.socket, dialed: bool) -> None:
         far = _peer_name(sock)

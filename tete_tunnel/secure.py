@@ -293,7 +293,7 @@ async def _secure(
     try:
         carrier = await _tls(sock, _tls_context(identity, peer_der, server_side), server_side)
     except (ssl.SSLError, OSError) as exc:
-        raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+        raise HandshakeError(f"TLS handshake failed: {_describe(exc)}") from exc
     transport = carrier.transport
     assert transport is not None
     try:
@@ -309,7 +309,7 @@ async def _secure(
             raise HandshakeError("the peer's first TLS message is not READY")
     except (ssl.SSLError, OSError) as exc:  # ConnectionError included
         transport.abort()
-        raise HandshakeError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
+        raise HandshakeError(f"TLS handshake failed: {_describe(exc.__cause__ or exc)}") from exc
     except BaseException:
         transport.abort()
         raise
@@ -321,6 +321,19 @@ async def _secure(
         mode=auth.mode,
         safety_code=safety_code(my_fp, nonce, peer_fp, finish.nonce),
     )
+
+
+def _describe(exc: BaseException) -> str:
+    """Words for an error even when it carries none (a bare ConnectionResetError())."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if str(exc):
+        return str(exc)
+    if isinstance(exc, ConnectionResetError):
+        return "the connection was reset"
+    if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
+        return "the connection was closed"
+    return type(exc).__name__
 
 
 def _refused(reason: int, identity: Identity) -> Rejected:
