@@ -267,6 +267,7 @@ class _LinkProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._session._transport_lost = True
         self._session._on_lost(exc)
 
     def pause_writing(self) -> None:
@@ -311,6 +312,7 @@ class Session:
         self._timer: asyncio.Task[None] | None = None
         self._reported = (0, 0)  # refused/throttled opens already logged
         self._next_report = 0.0
+        self._transport_lost = False  # connection_lost came: nothing left to close
         self.ended = asyncio.Event()
         self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
         self.error: LinkBroken | None = None  # why the session ended, if not in order
@@ -396,13 +398,22 @@ class Session:
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
         self._report_abuse(self._loop.time(), final=True)  # what the last interval refused
-        if error is None:
-            self._transport.close()  # close_notify after what is buffered
-        else:
+        if error is not None:
             log.debug("session ended: %s", error)
+        if error is None or isinstance(error, PeerViolation):
+            # Our last frames (a GO_AWAY(1) saying why) go out before the FIN: an RST now
+            # could destroy them in flight. A peer that will not close is cut off later.
+            self._transport.close()
+            if error is not None:
+                self._loop.call_later(LINGER, self._cut_off)
+        else:
             _abort_transport(self._transport)
         for stream in streams:
             self._contain(stream, stream._fail, failure)
+
+    def _cut_off(self) -> None:
+        if not self._transport_lost:
+            _abort_transport(self._transport)
 
     async def wait_ended(self) -> None:
         """Until the session ends; raises why if it was not orderly."""
