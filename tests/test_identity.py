@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -259,9 +260,25 @@ def test_owner_only_modes_are_fine(tmp_path: Path) -> None:
         assert load_or_create(store.parent).path == store
 
 
-def test_refused_key_stops_pipe_before_any_network_activity(tmp_path: Path) -> None:
-    store = new_identity(tmp_path / "open")
-    store.chmod(0o644)
+def _faulty_identity(tmp_path: Path, fault: str) -> tuple[Path, str, Callable[[], None]]:
+    """An identity file with `fault`, the phrase its refusal holds, and how to fix it."""
+    store = new_identity(tmp_path / fault)
+    good = store.read_bytes()
+    if fault == "mode":
+        store.chmod(0o644)
+        return store, f"chmod 600 {store}", lambda: store.chmod(0o600)
+    if fault == "mismatch":
+        key_a, _ = pem_parts(store)
+        _, cert_b = pem_parts(new_identity(tmp_path / "other"))
+        store.write_bytes(key_a + cert_b)
+        return store, "does not match its certificate", lambda: store.write_bytes(good)
+    encrypt_identity(store, b"secret")
+    return store, "passphrase-protected", lambda: store.write_bytes(good)
+
+
+@pytest.mark.parametrize("fault", ["mode", "mismatch", "passphrase"])
+def test_refused_key_stops_pipe_before_any_network_activity(tmp_path: Path, fault: str) -> None:
+    store, phrase, fix = _faulty_identity(tmp_path, fault)
     before = snapshot(store.parent, store)
     lport, rport = free_ports(2)
     args = ["--peer-ip", "127.0.0.1", "--lport", str(lport), "--rport", str(rport)]
@@ -278,7 +295,7 @@ def test_refused_key_stops_pipe_before_any_network_activity(tmp_path: Path) -> N
         assert result.returncode == 1, result.stderr
         errors = [m.group(1) for m in map(ERROR_LINE.match, result.stderr.splitlines()) if m]
         assert len(errors) == 1, result.stderr
-        assert str(store) in errors[0] and f"chmod 600 {store}" in errors[0]
+        assert str(store) in errors[0] and phrase in errors[0]
         assert result.stderr.count("error:") == 1, result.stderr
         assert "punching" not in result.stderr
         assert "Traceback" not in result.stderr
@@ -288,9 +305,9 @@ def test_refused_key_stops_pipe_before_any_network_activity(tmp_path: Path) -> N
             listener.accept()  # nobody connected, not even briefly
         assert snapshot(store.parent, store) == before
 
-        # The same command with the key fixed as the message says does reach the listener:
-        # the check above would have seen a connection.
-        store.chmod(0o600)
+        # The same command with the key fixed does reach the listener: the check above
+        # would have seen a connection.
+        fix()
         procs = Procs(tmp_path)
         try:
             proc = procs.start(["pipe", *args], stdin=b"")
