@@ -32,6 +32,18 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def skip_without_ipv6() -> None:
+    """Skip the calling test where there is no IPv6 loopback."""
+    import pytest
+
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+
+
 def wait_for_text(path: Path, text: str, timeout: float, count: int = 1) -> str:
     """Wait until `text` occurs `count` times in a growing log file; return the file."""
     end = time.monotonic() + timeout

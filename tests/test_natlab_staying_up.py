@@ -15,21 +15,13 @@ import pytest
 
 from tests.helpers import SERVERS, Proc, Procs, pair_args, wait_for_text
 from tests.natlab import NatLab, impair_available, natlab_available
+from tests.test_natlab_forward import in_ns, server
 
 reason = natlab_available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"NAT lab unavailable: {reason}")
 
 PORT_A, PORT_B = 40123, 40456
 KEEPALIVE = ["--keepalive-interval", "2", "--keepalive-timeout", "6"]
-
-
-def in_ns(lab: NatLab, host: str) -> list[str]:
-    return lab.exec_argv(host, [])
-
-
-def server(lab: NatLab, procs: Procs, host: str, *args: str) -> int:
-    p = procs.start(list(args), command=SERVERS, prefix=in_ns(lab, host), name=f"srv-{args[0]}")
-    return int(wait_for_text(p.out_path, "ready", 15).split()[1])
 
 
 def peers(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Procs, free_ports, pair_args
+from tests.helpers import Procs, free_ports, pair_args, skip_without_ipv6
 
 LOG_LINE = r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} "
 
@@ -150,16 +150,7 @@ def test_peer_killed_means_link_lost(procs: Procs, tmp_path: Path) -> None:
 
 def test_ipv6_loopback(procs: Procs, tmp_path: Path) -> None:
     """The address family comes from --peer-ip; brackets are accepted as people write them."""
-    import socket
-
-    try:
-        probe = socket.socket(socket.AF_INET6)
-        probe.bind(("::1", 0))
-        probe.close()
-    except OSError as exc:
-        import pytest
-
-        pytest.skip(f"no IPv6 loopback here: {exc}")
+    skip_without_ipv6()
     data_a, data_b = os.urandom(1 << 20), os.urandom(1 << 20)
     pa, pb = free_ports(2)
     # Both spellings of an IPv6 --peer-ip: bare and in brackets.

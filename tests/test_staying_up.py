@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SERVERS, Procs, free_ports, wait_for_text
+from tests.helpers import SERVERS, Procs, free_ports, skip_without_ipv6, wait_for_text
 
 
 def start_server(procs: Procs, kind: str) -> int:
@@ -30,9 +30,9 @@ def echo_once(port: int, payload: bytes, timeout: float = 10) -> bytes:
     return got
 
 
-def link(lport: int, rport: int, ident: Path, *extra: str) -> list[str]:
+def link(lport: int, rport: int, ident: Path, *extra: str, command: str = "forward") -> list[str]:
     return [
-        "forward",
+        command,
         "--peer-ip",
         "127.0.0.1",
         "--lport",
@@ -206,20 +206,7 @@ def test_wrong_rport_on_a_plain_tcp_server_is_not_hammered(
     rport = plain_server.server_address[1]
     started = time.monotonic()
     p = procs.start(
-        [
-            "pipe",
-            "--peer-ip",
-            "127.0.0.1",
-            "--lport",
-            str(lport),
-            "--rport",
-            str(rport),
-            "--timeout",
-            "10",
-            "--identity",
-            str(tmp_path / "a"),
-        ],
-        name="pipe",
+        link(lport, rport, tmp_path / "a", "--timeout", "10", command="pipe"), name="pipe"
     )
     assert p.wait(30) == 1
     elapsed = time.monotonic() - started
@@ -237,13 +224,9 @@ def test_wrong_rport_on_a_plain_tcp_server_is_not_hammered(
         assert "something else answers at" in final, final
 
 
+@pytest.mark.usefixtures("either_loop")
 def test_ipv4_on_one_side_and_ipv6_on_the_other_is_named(procs: Procs, tmp_path: Path) -> None:
-    try:
-        probe = socket.socket(socket.AF_INET6)
-        probe.bind(("::1", 0))
-        probe.close()
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
+    skip_without_ipv6()
     pa, pb = free_ports(2)
     common = ["--timeout", "5"]
     a = procs.start(
