@@ -521,8 +521,7 @@ def test_ssh_proxycommand_recipe_three_logins(
         pytest.skip(f"needs {', '.join(missing)} (apt-get install openssh-server socat)")
     if os.geteuid() != 0:
         pytest.skip("runs its own sshd and logs in as root: needs root")
-    if not Path("/run/sshd").is_dir():
-        pytest.skip("sshd's privilege separation directory /run/sshd is missing")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # what Debian's unit creates
 
     keys = tmp_path / "keys"
     keys.mkdir()
