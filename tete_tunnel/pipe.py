@@ -39,9 +39,11 @@ log = logging.getLogger("tete_tunnel")
 
 CHUNK = 256 * 1024
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # a socket's peer shut its writing side
-# After a signal, how long the transfer may take to finish by itself: ssh closes a
-# ProxyCommand's standard input and sends it SIGHUP right after, at a normal logout.
-SIGNAL_GRACE = 0.5
+# After a signal, how long the transfer may take to finish by itself when our input has
+# ended (ssh closes a ProxyCommand's standard input and sends it SIGHUP right after, at a
+# normal logout). Only then: with input still open a signal aborts at once. Generous, as a
+# loaded machine may not run our stdin thread for a while (0.5 s failed 1 run in 30 in CI).
+SIGNAL_GRACE = 2.0
 
 
 class StdinSource:
