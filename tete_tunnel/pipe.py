@@ -57,6 +57,7 @@ class StdinSource:
         self._may_read = threading.Semaphore(1)
         self._stopped = False
         self.ended = False  # EOF (or an error) was read
+        self.ended_at = 0.0  # when (loop time)
         threading.Thread(target=self._run, name="stdin", daemon=True).start()
 
     def _run(self) -> None:
@@ -84,13 +85,13 @@ class StdinSource:
             self._arrived.clear()
             await self._arrived.wait()
         chunk = self._chunks.popleft()
-        if isinstance(chunk, OSError):
-            self.ended = True
-            raise TeteError(f"cannot read standard input: {chunk.strerror}")
-        if chunk:
+        if isinstance(chunk, bytes) and chunk:
             self._may_read.release()
-        else:
-            self.ended = True
+            return chunk
+        self.ended = True  # the end of input, or an error: the thread has stopped
+        self.ended_at = self._loop.time()
+        if isinstance(chunk, OSError):
+            raise TeteError(f"cannot read standard input: {chunk.strerror}")
         return chunk
 
     def at_eof_now(self) -> bool:
@@ -228,6 +229,7 @@ class PipeApp:
         self._interrupted: asyncio.Event | None = None
         self.received = 0
         self.sent = 0
+        self._last_received_at = 0.0  # loop time of the peer's latest data
 
     async def prepare(self) -> None:
         self._interrupted = asyncio.Event()
@@ -303,8 +305,18 @@ class PipeApp:
     async def _finishes_by_itself(
         self, source: StdinSource, sending: asyncio.Future[None], receiving: asyncio.Future[None]
     ) -> bool:
-        """After a signal: is the transfer about to end in order anyway (ssh's logout)?"""
-        if not source.at_eof_now() and not sending.done():
+        """After a signal: is the transfer ending in order anyway? That is ssh's logout: it
+        closes our input, then signals us at once, having taken what it wanted; the peer's
+        data has ended, or ends in a moment with nothing after what we last received.
+
+        So: our input must have ended (its writer gone), and after the peer's latest data;
+        then the rest may take SIGNAL_GRACE. A signal while the peer's data still flows
+        (our input having ended long before) cuts the transfer short.
+        """
+        if not (sending.done() or source.at_eof_now()):
+            return False
+        input_end = source.ended_at if source.ended else asyncio.get_running_loop().time()
+        if not (receiving.done() or input_end >= self._last_received_at):
             return False
         await asyncio.wait([sending, receiving], timeout=SIGNAL_GRACE)
         return sending.done() and receiving.done()
@@ -329,6 +341,7 @@ class PipeApp:
     async def _receive(self, stream: Stream, sink: StdoutSink) -> None:
         try:
             while chunk := await stream.read(CHUNK):
+                self._last_received_at = asyncio.get_running_loop().time()
                 await sink.write(chunk)
                 self.received += len(chunk)
         except (StreamReset, Closed, LinkBroken) as exc:
