@@ -94,9 +94,11 @@ def test_open_policy_off_loopback_in_the_lab(procs: Procs, tmp_path: Path) -> No
         probe = [
             "python3",
             "-c",
-            "import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10);"
-            "s.sendall(b'hi'); s.shutdown(socket.SHUT_WR)\n"
-            "try: print(repr(s.recv(10)))\nexcept ConnectionResetError: print('reset')",
+            "import socket,sys\n"
+            "try:\n"
+            " s=socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10)\n"
+            " s.sendall(b'hi'); s.shutdown(socket.SHUT_WR); print(repr(s.recv(10)))\n"
+            "except (ConnectionResetError, BrokenPipeError): print('reset')",
             str(port),
         ]
         refused = procs.start([], command=probe, prefix=in_ns(lab, "alice"), name="probe1")
