@@ -185,43 +185,48 @@ class _Handler(socketserver.BaseRequestHandler):
             pass
 
 
-@pytest.fixture(params=["banner", "echo", "silent"])
-def plain_server(request: pytest.FixtureRequest) -> Iterator[_CountingServer]:
-    server = _CountingServer(request.param)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+@pytest.fixture
+def plain_servers() -> Iterator[list[_CountingServer]]:
+    """A banner server (like sshd), an echo server and a silent one."""
+    servers = [_CountingServer(kind) for kind in ("banner", "echo", "silent")]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
     try:
-        yield server
+        yield servers
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        for server, thread in zip(servers, threads, strict=True):
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
 
 
 @pytest.mark.usefixtures("either_loop")
 def test_wrong_rport_on_a_plain_tcp_server_is_not_hammered(
-    procs: Procs, tmp_path: Path, plain_server: _CountingServer
+    procs: Procs, tmp_path: Path, plain_servers: list[_CountingServer]
 ) -> None:
-    (lport,) = free_ports(1)
-    rport = plain_server.server_address[1]
+    """Three pipes at once, each with a --rport that hits another service."""
     started = time.monotonic()
-    p = procs.start(
-        link(lport, rport, tmp_path / "a", "--timeout", "10", command="pipe"), name="pipe"
-    )
-    assert p.wait(30) == 1
-    elapsed = time.monotonic() - started
-    err = p.err
-    lines = err.strip().splitlines()
-    assert plain_server.accepted < 50, f"{plain_server.accepted} connections reached it"
-    assert len(lines) < 20, err
-    assert elapsed < 25
-    assert "Traceback" not in err
-    final = lines[-1]
-    assert "error:" in final and "--rport" in final, final
-    if plain_server.behaviour == "silent":  # its connection is still handshaking at the end
-        assert "accepted our connection but sent no tete-tunnel handshake" in final, final
-    else:
-        assert "something else answers at" in final, final
+    pipes = []
+    for server, lport in zip(plain_servers, free_ports(3), strict=True):
+        rport = server.server_address[1]
+        args = link(lport, rport, tmp_path / server.behaviour, "--timeout", "10", command="pipe")
+        pipes.append(procs.start(args, name=f"pipe-{server.behaviour}"))
+    for server, p in zip(plain_servers, pipes, strict=True):
+        assert p.wait(30) == 1, p.err
+        err = p.err
+        lines = err.strip().splitlines()
+        what = f"{server.behaviour}: {server.accepted} connections reached it"
+        assert server.accepted < 50, what
+        assert len(lines) < 20, err
+        assert "Traceback" not in err
+        final = lines[-1]
+        assert "error:" in final and "--rport" in final, final
+        if server.behaviour == "silent":  # its connection is still handshaking at the end
+            assert "accepted our connection but sent no tete-tunnel handshake" in final, final
+        else:
+            assert "something else answers at" in final, final
+    assert time.monotonic() - started < 25
 
 
 @pytest.mark.usefixtures("either_loop")
