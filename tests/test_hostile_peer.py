@@ -363,8 +363,12 @@ def test_rapid_reset_is_throttled_and_the_honest_side_keeps_serving(
     assert_ends_in_order(honest)
     lines = refused_lines(honest.err)
     reset_seconds = float(str(figures["reset_s"]))
-    assert 1 <= len(lines) <= reset_seconds / ABUSE_REPORT_INTERVAL + 3, lines
-    assert any("resets a second" in line for line in lines), lines
+    allowed = CONFIG.reset_burst + CONFIG.max_reset_rate * (reset_seconds + 1)
+    if RESETS > allowed:  # faster than the limiter allows (not on a machine loaded enough)
+        assert 1 <= len(lines) <= reset_seconds / ABUSE_REPORT_INTERVAL + 3, lines
+        assert any("resets a second" in line for line in lines), lines
+    else:
+        assert len(lines) <= reset_seconds / ABUSE_REPORT_INTERVAL + 3, lines
     assert len(honest.err.splitlines()) < 20, honest.err
     accepts = target_accepts(echo_proc) - int(str(figures["probes"]))
     let_through = int(str(figures["let_through"]))
@@ -372,7 +376,6 @@ def test_rapid_reset_is_throttled_and_the_honest_side_keeps_serving(
     # are bounded by the reset bucket: its burst plus its rate over the time the resets
     # took, however fast the attacker resets. (How far under one per reset that is depends
     # on the attacker's speed: 12-33 % here, up to 80 % on a machine loaded 8 times over.)
-    allowed = CONFIG.reset_burst + CONFIG.max_reset_rate * (reset_seconds + 1)
     assert accepts <= let_through <= allowed, figures
     report(
         **figures,
