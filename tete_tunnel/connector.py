@@ -142,7 +142,6 @@ class DirectConnector:
         self.config = config
         self.identity = identity
         self.pinned: bytes | None = None  # the peer's fingerprint, once a link was made
-        self.links = 0
         # Handshakes that failed after our nonce went out: each one a safety code a man in
         # the middle may have drawn. Shown next to the code (unverified mode).
         self.codes_drawn = 0
@@ -217,7 +216,6 @@ class DirectConnector:
         return exc
 
     def announce(self, link: SecureLink) -> None:
-        self.links += 1
         if self.pinned is not None:
             return
         self.pinned = link.peer_fingerprint
