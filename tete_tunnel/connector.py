@@ -20,6 +20,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tete_tunnel.errors import AuthenticationError, HandshakeError, PunchError, UsageError
 from tete_tunnel.hello import NotAPeer
@@ -164,11 +165,27 @@ class DirectConnector:
             endpoint(config.peer_ip, config.peer_port),
             f" (timeout {config.timeout:g}s)" if deadline is not None else "",
         )
-        wait = _Wait(self, auth)
+        drops = _Drops()
+        punch = Punch(
+            self.identity,
+            auth,
+            config.local_port,
+            [(config.peer_ip, config.peer_port)],
+            config.keepalive,
+            drops,
+        )
         try:
-            return await wait.run(deadline)
+            link = await punch.run(deadline)
         finally:
-            wait.drops.flush()
+            drops.flush()
+            self.codes_drawn += punch.codes_drawn
+        if link is None:
+            failure = PunchError(
+                no_peer_message(config.peer_ip, config.peer_port, config.local_port, punch.attempts)
+            )
+            raise self.explain(failure, punch.attempts, drops, punch.stalled)
+        announce(self, link)
+        return link
 
     def explain(
         self,
@@ -215,57 +232,79 @@ class DirectConnector:
             )
         return exc
 
-    def announce(self, link: SecureLink) -> None:
-        if self.pinned is not None:
-            return
-        self.pinned = link.peer_fingerprint
-        if link.mode is Mode.UNVERIFIED:
+
+class Pinning(Protocol):
+    """What announce() needs of a connector: who the peer is, once known."""
+
+    pinned: bytes | None
+    codes_drawn: int
+
+
+def announce(connector: Pinning, link: SecureLink) -> None:
+    """The first link fixes the peer (pinned from then on) and says what to check or pin."""
+    if connector.pinned is not None:
+        return
+    connector.pinned = link.peer_fingerprint
+    if link.mode is Mode.UNVERIFIED:
+        log.warning(
+            "WARNING: the peer is not verified (no --peer-id or --code): the link is "
+            "encrypted, but someone in the middle could read it. Compare this safety "
+            "code with your peer by voice: safety code %s (the same on both sides "
+            "means no one is in the middle)",
+            link.safety_code,
+        )
+        if connector.codes_drawn:
             log.warning(
-                "WARNING: the peer is not verified (no --peer-id or --code): the link is "
-                "encrypted, but someone in the middle could read it. Compare this safety "
-                "code with your peer by voice: safety code %s (the same on both sides "
-                "means no one is in the middle)",
-                link.safety_code,
+                "WARNING: before this link, %d handshake(s) from the peer's address failed "
+                "after a safety code was drawn: someone in the middle may be trying to "
+                "match the codes. Tell your peer this number too: on an honest link it "
+                "is 0 or 1 on both sides; if it is larger, do not trust this link",
+                connector.codes_drawn,
             )
-            if self.codes_drawn:
-                log.warning(
-                    "WARNING: before this link, %d handshake(s) from the peer's address failed "
-                    "after a safety code was drawn: someone in the middle may be trying to "
-                    "match the codes. Tell your peer this number too: on an honest link it "
-                    "is 0 or 1 on both sides; if it is larger, do not trust this link",
-                    self.codes_drawn,
-                )
-        if link.mode is not Mode.PEER_ID:
-            log.warning(
-                "peer ID: %s (pin it next time with --peer-id %s)", link.peer_id, link.peer_id
-            )
+    if link.mode is not Mode.PEER_ID:
+        log.warning("peer ID: %s (pin it next time with --peer-id %s)", link.peer_id, link.peer_id)
 
 
-class _Wait:
-    """One connect(): a dialer, an acceptor and the handshakes they start, all owned here."""
+class Punch:
+    """One wait for a link: dialers (one per candidate address of the peer), an acceptor,
+    and the handshakes they start, all owned here. The first link that authenticates wins.
 
-    def __init__(self, connector: DirectConnector, auth: Auth) -> None:
-        self.connector = connector
-        self.config = connector.config
+    `run(deadline)` returns it, or None at the deadline; raises CodeGuessFailed when a code
+    guess was tried and missed, PunchError when a dial cannot go on at all.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        auth: Auth,
+        local_port: int,
+        candidates: list[tuple[str, int]],
+        keepalive: Keepalive | None,
+        drops: _Drops,
+    ) -> None:
+        self.identity = identity
         self.auth = auth
+        self.local_port = local_port
+        self.candidates = candidates
+        self.keepalive = keepalive
+        self.drops = drops
         self.attempts = Attempts()
-        self.drops = _Drops()
-        self.peer = (self.config.peer_ip, self.config.peer_port)
-        self.family = family_of(self.config.peer_ip)
+        self.family = family_of(candidates[0][0])
+        self.codes_drawn = 0  # handshakes that failed after our nonce went out
         self.won: asyncio.Future[SecureLink] = asyncio.get_running_loop().create_future()
         self.handshakes: set[asyncio.Task[None]] = set()
         self.in_flight: dict[asyncio.Task[None], tuple[str, bool]] = {}  # far end, dialed
-        self.dial_free = asyncio.Event()  # no dialed connection is being handshaken
-        self.dial_free.set()
-        self.dial_pause_until = 0.0
-        self.backoff = HANDSHAKE_BACKOFF
 
-    async def run(self, deadline: float | None) -> SecureLink:
+        # Connections still in their handshake at the deadline (and whether we dialed them).
+        self.stalled: list[tuple[str, bool]] = []
+
+    async def run(self, deadline: float | None) -> SecureLink | None:
         loop = asyncio.get_running_loop()
-        listener = listen(self.family, self.config.local_port)
+        listener = listen(self.family, self.local_port)
+        also = tuple(self.candidates[1:])
         workers = [
-            asyncio.ensure_future(self._dial(loop)),
-            asyncio.ensure_future(self._accept(listener)),
+            *(asyncio.ensure_future(_Dialer(self, c).run()) for c in self.candidates),
+            asyncio.ensure_future(self._accept(listener, also)),
         ]
         handed_over = False
         try:
@@ -277,19 +316,10 @@ class _Wait:
                 if worker in done:
                     worker.result()  # a dial that cannot go on (PunchError) ends the wait
             if not self.won.done():
-                failure = PunchError(
-                    no_peer_message(
-                        self.config.peer_ip,
-                        self.config.peer_port,
-                        self.config.local_port,
-                        self.attempts,
-                    )
-                )
-                stalled = [(far, dialed) for far, dialed in self.in_flight.values()]
-                raise self.connector.explain(failure, self.attempts, self.drops, stalled)
+                self.stalled = list(self.in_flight.values())
+                return None
             link = self.won.result()
             self.drops.flush()  # the count belongs before the new link's lines
-            self.connector.announce(link)
             handed_over = True
             return link
         finally:
@@ -302,51 +332,36 @@ class _Wait:
             elif not self.won.cancelled() and self.won.exception() is None and not handed_over:
                 _close_link(self.won.result())  # we were cancelled with a link in hand
 
-    async def _dial(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _accept(self, listener: socket.socket, also: tuple[tuple[str, int], ...]) -> None:
         while True:
-            await self.dial_free.wait()  # one dialed connection at a time: one 4-tuple
-            pause = self.dial_pause_until - loop.time()
-            if pause > 0:  # after a dialed handshake failed: whatever answers is not hammered
-                await asyncio.sleep(pause)
-                continue
-            sock = await dial_once(self.family, self.config.local_port, self.peer, self.attempts)
-            if sock is None:
-                await asyncio.sleep(self.attempts.pause())
-                continue
-            self.dial_free.clear()
-            self._start(sock, dialed=True)
-
-    async def _accept(self, listener: socket.socket) -> None:
-        while True:
-            sock = await accept_peer(listener, self.peer, self.attempts)
+            sock = await accept_peer(listener, self.candidates[0], self.attempts, also)
             if len(self.handshakes) >= MAX_HANDSHAKES:
                 self.drops.add(
                     _peer_name(sock), HandshakeError(f"{MAX_HANDSHAKES} handshakes at once already")
                 )
                 sock.close()
                 continue
-            self._start(sock, dialed=False)
+            self.start(sock, None)
 
-    def _start(self, sock: socket.socket, *, dialed: bool) -> None:
-        task = asyncio.ensure_future(self._handshake(sock, dialed))
+    def start(self, sock: socket.socket, dialer: _Dialer | None) -> None:
+        task = asyncio.ensure_future(self._handshake(sock, dialer))
         self.handshakes.add(task)
-        self.in_flight[task] = (_peer_name(sock), dialed)
+        self.in_flight[task] = (_peer_name(sock), dialer is not None)
         task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self.handshakes.discard(task)
         self.in_flight.pop(task, None)
 
-    async def _handshake(self, sock: socket.socket, dialed: bool) -> None:
+    async def _handshake(self, sock: socket.socket, dialer: _Dialer | None) -> None:
         far = _peer_name(sock)
         progress = Progress()
-        keepalive = self.config.keepalive
         try:
-            if keepalive is not None:
-                tune_link_socket(sock, keepalive.interval, keepalive.timeout)
+            if self.keepalive is not None:
+                tune_link_socket(sock, self.keepalive.interval, self.keepalive.timeout)
             try:
                 async with asyncio.timeout(PREAUTH_TIMEOUT):
-                    link = await secure(sock, self.connector.identity, self.auth, progress)
+                    link = await secure(sock, self.identity, self.auth, progress)
             except TimeoutError:
                 if progress.code_spent:
                     raise CodeGuessFailed(
@@ -356,14 +371,11 @@ class _Wait:
         except (HandshakeError, OSError) as exc:
             sock.close()
             if progress.nonce_revealed and self.auth.mode is Mode.UNVERIFIED:
-                self.connector.codes_drawn += 1
+                self.codes_drawn += 1
             error = exc if isinstance(exc, HandshakeError) else HandshakeError(str(exc))
             self.drops.add(far, error)
-            if dialed:
-                loop = asyncio.get_running_loop()
-                self.dial_pause_until = loop.time() + self.backoff
-                self.backoff = min(MAX_HANDSHAKE_BACKOFF, self.backoff * 2)
-                self.dial_free.set()
+            if dialer is not None:
+                dialer.failed()
             return
         except AuthenticationError as exc:  # a code guess tried and missed: the run ends
             sock.close()
@@ -377,6 +389,41 @@ class _Wait:
             _close_link(link)  # a second link at once: the first one won
             return
         self.won.set_result(link)
+
+
+class _Dialer:
+    """Dials one candidate address of the peer from our port, paced; one at a time, as a
+    dialed connection holds that 4-tuple."""
+
+    def __init__(self, punch: Punch, address: tuple[str, int]) -> None:
+        self.punch = punch
+        self.address = address
+        self.free = asyncio.Event()  # no connection of ours to it is being handshaken
+        self.free.set()
+        self.pause_until = 0.0
+        self.backoff = HANDSHAKE_BACKOFF
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        punch = self.punch
+        while True:
+            await self.free.wait()
+            pause = self.pause_until - loop.time()
+            if pause > 0:  # after a dialed handshake failed: whatever answers is not hammered
+                await asyncio.sleep(pause)
+                continue
+            sock = await dial_once(punch.family, punch.local_port, self.address, punch.attempts)
+            if sock is None:
+                await asyncio.sleep(punch.attempts.pause())
+                continue
+            self.free.clear()
+            punch.start(sock, self)
+
+    def failed(self) -> None:
+        """Its connection failed the handshake: wait longer before the next dial."""
+        self.pause_until = asyncio.get_running_loop().time() + self.backoff
+        self.backoff = min(MAX_HANDSHAKE_BACKOFF, self.backoff * 2)
+        self.free.set()
 
 
 def _close_link(link: SecureLink) -> None:

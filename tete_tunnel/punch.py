@@ -161,13 +161,19 @@ async def _dial_loop(
 
 
 async def accept_peer(
-    listener: socket.socket, peer: tuple[str, int], attempts: Attempts
+    listener: socket.socket,
+    peer: tuple[str, int],
+    attempts: Attempts,
+    also: tuple[tuple[str, int], ...] = (),
 ) -> socket.socket:
-    """The next connection to our port from the peer's address; others are closed at once."""
+    """The next connection to our port from the peer's address (or one of `also`, the other
+    addresses it may come from); others are closed at once."""
     loop = asyncio.get_running_loop()
+    peers = (peer, *also)
     while True:
         conn, addr = await loop.sock_accept(listener)
-        if not same_ip(addr[0], peer[0]):
+        match = next((p for p in peers if same_ip(addr[0], p[0])), None)
+        if match is None:
             seen = attempts.strangers.get(addr[0], 0)
             attempts.strangers[addr[0]] = seen + 1
             if not seen:
@@ -176,9 +182,11 @@ async def accept_peer(
                 )
             conn.close()
             continue
-        if addr[1] != peer[1]:
+        if addr[1] != match[1] and not also:
             log.info(
-                "the peer connected from port %d, not %d: its NAT rewrites ports", addr[1], peer[1]
+                "the peer connected from port %d, not %d: its NAT rewrites ports",
+                addr[1],
+                match[1],
             )
         log.info("connected by accepting %s", endpoint(*addr[:2]))
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
