@@ -55,6 +55,29 @@ without ``impair`` keep the bridge (``routed_wan`` is False): exactly what they 
 ``lab.cut_wan("natA")`` / ``lab.restore_wan("natA")`` cut one router's WAN link mid-session
 and restore it (DROP rules in filter FORWARD, INPUT and OUTPUT for its wan0; conntrack keeps
 seeing, and keeping, the flows), for dead-peer tests; they work with or without impairment.
+
+Kind "same-nat": alice and bob on one LAN behind one NAT (a LAN bridge in a namespace "lan";
+natA as in "drop": port-preserving MASQUERADE, unsolicited inbound silently dropped)::
+
+    alice (192.168.1.2) ---+
+                           lan: bridge br0 --- natA [192.168.1.1 | 10.99.0.1] --- wan 10.99.0.254
+    bob   (192.168.1.3) ---+
+
+``alice_public`` and ``bob_public`` are both 10.99.0.1.  natA does NOT hairpin: nothing
+translates a packet from the LAN to natA's own public address back to the LAN, so alice
+dialling ``bob_public:port`` reaches natA itself, which has no listener there and answers
+RST (ECONNREFUSED), whatever mapping bob holds on that port.  (Hairpinning with iptables
+needs a DNAT rule per forwarded port; a lab wanting one adds its own.)  Peers behind one
+NAT must therefore meet on their LAN addresses, or through a relay at ``wan_ip``.
+
+Run-time facilities for relay and rendezvous tests (see their docstrings):
+
+- ``lab.set_nat("natA", random_fully=False)``: switch a NAT between port-preserving and
+  symmetric mid-test; ``lab.flush_conntrack("natA")`` forgets its existing mappings.
+- ``with lab.capture("natA", "wan0") as cap: ...``, then ``cap.data()``: every frame that
+  crossed an interface (AF_PACKET, no tcpdump), to assert a marker never went by in plaintext.
+- ``lab.whoami_server("wan", port)`` and ``lab.whoami("alice", lab.wan_ip, port,
+  local_port=...)``: the source address a server on the WAN sees for a client.
 """
 
 from __future__ import annotations
@@ -70,27 +93,32 @@ import selectors
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
 __all__ = [
     "KINDS",
+    "Capture",
     "CommandError",
     "Impairment",
     "NatLab",
     "NatLabError",
+    "Peer",
+    "Whoami",
+    "WhoamiServer",
     "impair_available",
     "natlab_available",
     "netem_available",
 ]
 
-Kind = Literal["drop", "rst", "symmetric", "no-nat", "same-lan"]
-KINDS: tuple[str, ...] = ("drop", "rst", "symmetric", "no-nat", "same-lan")
+Kind = Literal["drop", "rst", "symmetric", "no-nat", "same-lan", "same-nat"]
+KINDS: tuple[str, ...] = ("drop", "rst", "symmetric", "no-nat", "same-lan", "same-nat")
 
 WAN_NET = "10.99.0"
 #: Address of the wan namespace itself: a "public server" for relays/rendezvous.
@@ -127,8 +155,266 @@ if bad:
 """
 
 
+# capture(): every frame on one interface (both directions) to stdout, each as a record
+# "!IB" (length, packet type: 4 = sent by this host) + frame.  The socket is opened with
+# protocol 0 (it receives nothing) and only then bound to the interface for ETH_P_ALL, so no
+# frame of another interface slips in.  "ready" on stderr once bound; SIGTERM: drain what
+# the kernel has queued, report "captured N dropped D" on stderr, exit 0.
+# argv: ifname
+_CAPTURE = r"""
+import select, signal, socket, struct, sys
+ETH_P_ALL, SOL_PACKET, PACKET_STATISTICS, SO_RCVBUFFORCE = 3, 263, 6, 33
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+try:
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 25)
+except OSError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 25)
+s.bind((sys.argv[1], ETH_P_ALL))
+s.setblocking(False)
+out = sys.stdout.buffer
+buf = bytearray(1 << 20)  # larger than any GSO/GRO super-frame
+head = struct.Struct("!IB")
+count = dropped = 0
+sys.stderr.write("ready\n")
+sys.stderr.flush()
+
+def drain():
+    global count, dropped
+    while True:
+        try:
+            n, addr = s.recvfrom_into(buf)
+        except BlockingIOError:
+            break
+        out.write(head.pack(n, addr[2]))
+        out.write(buf[:n])
+        count += 1
+    dropped += struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))[1]
+
+while not stop:
+    select.select([s], [], [], 0.1)
+    drain()
+drain()
+out.flush()
+sys.stderr.write(f"captured {count} dropped {dropped}\n")
+"""
+
+# whoami_server(): for each connection read a "!I"-length-prefixed payload, answer the
+# client's address as seen here ("IP PORT\n"), close (the server closes first, so no
+# TIME_WAIT is left on the client, which may reuse its local port at once), then print
+# "IP PORT NBYTES" on stdout (NBYTES -1 if the client misbehaved).  "ready PORT" first.
+# argv: bind_ip port
+_WHOAMI_SERVER = r"""
+import socket, struct, sys, threading
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=64)
+print("ready", srv.getsockname()[1], flush=True)
+lock = threading.Lock()
+
+def read(f, n):
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+def serve(conn, peer):
+    got = -1
+    with conn:
+        try:
+            conn.settimeout(10)
+            f = conn.makefile("rb")
+            got = len(read(f, struct.unpack("!I", read(f, 4))[0]))
+            conn.sendall(f"{peer[0]} {peer[1]}\n".encode())
+        except (OSError, EOFError, struct.error):
+            pass
+    with lock:
+        print(peer[0], peer[1], got, flush=True)
+
+while True:
+    conn, peer = srv.accept()
+    threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+"""
+
+# whoami(): connect (from a fixed local port if nonzero), send a payload, print
+# "LOCAL_IP LOCAL_PORT SEEN_IP SEEN_PORT".  argv: ip port local_port payload_hex timeout
+_WHOAMI_CLIENT = r"""
+import socket, struct, sys
+ip, port, lport, payload, timeout = sys.argv[1:]
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if int(lport):
+    s.bind(("0.0.0.0", int(lport)))
+s.settimeout(float(timeout))
+s.connect((ip, int(port)))
+local = s.getsockname()
+data = bytes.fromhex(payload)
+s.sendall(struct.pack("!I", len(data)) + data)
+reply = b""
+while chunk := s.recv(4096):
+    reply += chunk
+s.close()
+seen = reply.decode().split()
+if len(seen) != 2:
+    sys.exit(f"server answered {reply!r}")
+print(local[0], local[1], *seen)
+"""
+
+# flush_conntrack(): ctnetlink IPCTNL_MSG_CT_DELETE without a tuple = flush the table.
+_CT_FLUSH = r"""
+import os, socket, struct, sys
+NETLINK_NETFILTER, NLMSG_ERROR = 12, 2
+msg_type = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
+body = struct.pack("!BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg: every family
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+s.bind((0, 0))
+s.send(struct.pack("=IHHII", 16 + len(body), msg_type, 1 | 4, 1, 0) + body)  # REQUEST|ACK
+reply = s.recv(65536)
+_, typ = struct.unpack_from("=IH", reply)
+err = struct.unpack_from("=i", reply, 16)[0] if typ == NLMSG_ERROR else 0
+if err:
+    sys.exit(f"conntrack flush failed: {os.strerror(-err)}")
+"""
+
+
 class NatLabError(RuntimeError):
     """The lab could not be built, used or torn down."""
+
+
+class Whoami(NamedTuple):
+    """What whoami() learnt: the client's own address, and the one the server saw."""
+
+    local_ip: str
+    local_port: int
+    seen_ip: str
+    seen_port: int
+
+
+class Peer(NamedTuple):
+    """One connection a WhoamiServer served: its source address and the bytes it sent."""
+
+    ip: str
+    port: int
+    received: int  # -1 when the client did not send a complete payload
+
+
+def _read_until_newline(fd: int, buf: bytearray, deadline: float) -> bytes | None:
+    """Read from a pipe until ``buf`` holds a line; pop and return it, None on EOF/timeout."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line
+
+
+class WhoamiServer:
+    """A TCP server in a lab namespace that tells each client the source address it sees.
+
+    Made by NatLab.whoami_server(); clients are NatLab.whoami() or any socket that sends a
+    4-byte big-endian length and that many bytes, then reads ``"IP PORT\\n"`` until EOF.
+    ``ip``/``port``: where to reach it; ``next_peer()``: the next connection it served.
+    The lab ends it on close(); ``stop()`` ends it sooner.
+    """
+
+    def __init__(self, lab: NatLab, host: str, ip: str, port: int, bind: str) -> None:
+        self.host, self.ip = host, ip
+        self._lab = lab
+        self._buf = bytearray()
+        self._err = tempfile.TemporaryFile()  # a file, not a pipe: nothing can block on it
+        try:
+            self._proc = p = lab.popen(
+                host,
+                [sys.executable, "-c", _WHOAMI_SERVER, bind, str(port)],
+                stdout=subprocess.PIPE,
+                stderr=self._err,
+            )
+        except BaseException:
+            self._err.close()
+            raise
+        lab._closers.append(self.stop)
+        assert p.stdout is not None
+        line = _read_until_newline(p.stdout.fileno(), self._buf, time.monotonic() + 10)
+        if line is None or not line.startswith(b"ready "):
+            err = self.stop()
+            raise NatLabError(f"whoami server in {host} did not start: {err}")
+        self.port = int(line.split()[1])
+
+    def next_peer(self, timeout: float = 10) -> Peer:
+        """The next connection served (in the order they finished); NatLabError on timeout."""
+        stdout = self._proc.stdout
+        line = None
+        if stdout is not None and not stdout.closed:
+            line = _read_until_newline(stdout.fileno(), self._buf, time.monotonic() + timeout)
+        if line is None:
+            raise NatLabError(f"whoami server in {self.host}: no connection within {timeout}s")
+        ip, port, got = line.decode().split()
+        return Peer(ip, int(port), int(got))
+
+    def stop(self) -> str:
+        """End the server now (idempotent); return what it wrote on stderr."""
+        p = self._proc
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        if p.stdout is not None:
+            p.stdout.close()
+        if p in self._lab._procs:
+            self._lab._procs.remove(p)
+        if self._err.closed:
+            return ""
+        self._err.seek(0)
+        err = self._err.read().decode(errors="replace").strip()
+        self._err.close()
+        return err
+
+
+class Capture:
+    """Frames captured on one interface of a lab namespace by NatLab.capture().
+
+    After the ``with`` block: ``packets`` (frames captured), ``frames`` (``(pkttype, bytes)``
+    each, Ethernet header on; pkttype as in linux/if_packet.h: 0 to this namespace, 1
+    broadcast, 2 multicast, 3 to another host, 4 sent by it), ``data()`` (every frame's bytes
+    concatenated).  ``dropped`` is what the kernel dropped
+    for a full buffer; capture() raises if that is not 0, so an absence stays a proof.
+    """
+
+    def __init__(self, host: str, ifname: str) -> None:
+        self.host, self.ifname = host, ifname
+        self.packets = 0
+        self.dropped = 0
+        self.frames: list[tuple[int, bytes]] = []
+        self.done = False
+
+    def data(self) -> bytes:
+        """All captured bytes, frame after frame (only once the capture has ended)."""
+        if not self.done:
+            raise NatLabError("capture still running: read data() after its with block")
+        return b"".join(frame for _, frame in self.frames)
+
+    def __contains__(self, marker: bytes) -> bool:
+        """``marker in cap``: whether one captured frame holds the marker whole."""
+        return any(marker in frame for _, frame in self.frames)
+
+    def _load(self, raw: bytes) -> None:
+        head = struct.Struct("!IB")
+        pos = 0
+        while pos + head.size <= len(raw):
+            n, kind = head.unpack_from(raw, pos)
+            pos += head.size
+            self.frames.append((kind, raw[pos : pos + n]))
+            pos += n
+        self.packets = len(self.frames)
 
 
 class CommandError(subprocess.CalledProcessError, NatLabError):
@@ -338,6 +624,12 @@ class NatLab:
     (the current one; all zero for none), ``impair_log`` (the delay line's summaries, one per
     line ended).
 
+    Kinds: "drop" (both NATs port-preserving, silently dropping unsolicited SYNs), "rst"
+    (natB answers them RST), "symmetric" (both ``MASQUERADE --random-fully``), "no-nat" (bob
+    on the WAN itself), "same-lan" (alice and bob on one LAN, no NAT, no WAN), "same-nat"
+    (alice and bob on one LAN behind natA as in "drop", ``bob_ip`` 192.168.1.3, both public
+    addresses natA's; natA does not hairpin: see the module docstring).
+
     ``impair``: a netem-like spec such as ``"loss 5% delay 40ms"`` (see Impairment.parse) or
     an Impairment; ``"none"`` gives a routed but unimpaired WAN that impair() can degrade
     later.  Not for "same-lan", which has no WAN.
@@ -370,8 +662,14 @@ class NatLab:
             self.bob_ip = self.bob_public = "192.168.1.3"
             self.alice_public = self.alice_ip
             self.wan_ip = None
+        elif kind == "same-nat":
+            self.hosts = ("alice", "lan", "natA", "wan", "bob")
+            self.bob_ip = "192.168.1.3"
+            self.bob_public = self.alice_public
         self._created: list[str] = []  # namespace names, in creation order
         self._procs: list[subprocess.Popen[Any]] = []
+        # run by close() once the processes have ended: close their pipes and files
+        self._closers: list[Callable[[], object]] = []
         self._ifaces: dict[str, set[str]] = {h: {"lo"} for h in self.hosts}
         self._closed = False
 
@@ -444,6 +742,165 @@ class NatLab:
         if "wan0" not in self._ifaces[host]:
             raise ValueError(f"host {host!r} has no WAN interface in a {self.kind!r} NatLab")
         return "wan0"
+
+    def set_nat(self, host: str, *, random_fully: bool) -> None:
+        """Switch NAT router ``host`` between port-preserving and symmetric, at run time.
+
+        ``random_fully=False``: plain ``MASQUERADE`` (keeps the local port where it is free:
+        endpoint-independent mapping, what punching needs); ``True``: ``MASQUERADE
+        --random-fully`` (a random public port per connection: a "symmetric" NAT).  The rule
+        is replaced in place (``iptables -R``, one transaction), so no packet ever leaves
+        untranslated.  Nothing else on the router changes (its firewall stays as built).
+
+        Existing connection-tracking entries keep their mappings: conntrack binds a
+        connection's NAT once, at its first packet, so connections already open carry on
+        through their old public port, and only connections conntrack sees as new get the
+        new behaviour.  Beware what conntrack counts as new: a connection is its 5-tuple, and
+        a SYN matching a live entry (a punching loop retrying from the same local port to
+        the same peer: the entry stays SYN_SENT for up to 120 s, refreshed by every retry)
+        is the *same* connection, keeping the old mapping however often it is retried; only
+        an entry that reached TIME_WAIT or CLOSE is replaced by a SYN.  Call
+        flush_conntrack(host) too when the next attempt must get the new behaviour whatever
+        came before.
+        """
+        self._require_open()
+        if not host.startswith("nat"):
+            raise ValueError(f"set_nat: {host!r} is not a NAT router")
+        ifname = self.wan_if(host)
+        out = self.run(host, ["iptables", "-t", "nat", "-S", "POSTROUTING"]).stdout
+        rules = [ln for ln in out.splitlines() if ln.startswith("-A ")]
+        found = [i for i, ln in enumerate(rules, 1) if "MASQUERADE" in ln.split()]
+        if len(found) != 1:
+            raise NatLabError(f"set_nat({host!r}): expected one MASQUERADE rule, got {rules}")
+        masq = ["-j", "MASQUERADE", *(["--random-fully"] if random_fully else [])]
+        cmd = ["iptables", "-t", "nat", "-R", "POSTROUTING", str(found[0]), "-o", ifname]
+        self.run(host, [*cmd, *masq])
+
+    def flush_conntrack(self, host: str) -> None:
+        """Delete every connection-tracking entry in ``host``'s namespace (its NAT table).
+
+        Like a router reboot: new connections are mapped afresh, and so is the next packet of
+        a connection already open (a mid-stream outbound ACK is picked up again, with a
+        mapping that may differ; a reply arriving first from the WAN finds no mapping and is
+        dropped by the firewall).  Done with ctnetlink directly: no conntrack(8) needed.
+        """
+        self._require_open()
+        self.ns(host)
+        self.run(host, [sys.executable, "-c", _CT_FLUSH])
+
+    def conntrack(self, host: str) -> list[str]:
+        """``host``'s connection-tracking entries, one line each (``/proc/net/nf_conntrack``)."""
+        cp = self.run(host, ["cat", "/proc/net/nf_conntrack"], check=False)
+        if cp.returncode != 0:
+            raise NatLabError(f"conntrack({host!r}): {cp.stderr.strip()}")
+        return cp.stdout.splitlines()
+
+    @contextlib.contextmanager
+    def capture(self, host: str, ifname: str) -> Iterator[Capture]:
+        """Record every frame crossing ``ifname`` inside ``host``'s namespace, both ways.
+
+        ``with lab.capture("natA", "wan0") as cap: ...``, then ``cap.data()`` (all bytes),
+        ``cap.packets``, ``marker in cap`` (in one frame).  An AF_PACKET socket in a small
+        script (no tcpdump); frames as the interface sees them, so on a NAT's wan0 after
+        translation.  The block must end only once its traffic has been sent and answered:
+        what the kernel queued by then is drained before the script ends.  Leaving the block
+        ends the script (the lab ends it too, on close()); NatLabError if it failed or the
+        kernel dropped frames.  A payload split over segments is split in the capture too:
+        look for markers that fit one write of a small message.
+        """
+        self._require_open()
+        self.ns(host)
+        cap = Capture(host, ifname)
+        out = tempfile.TemporaryFile()
+        try:
+            p = self.popen(
+                host, [sys.executable, "-c", _CAPTURE, ifname], stdout=out, stderr=subprocess.PIPE
+            )
+        except BaseException:
+            out.close()
+            raise
+        assert p.stderr is not None
+        buf = bytearray()
+
+        def stop() -> str:
+            if cap.done:
+                return ""
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+            try:
+                _, err = p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate(timeout=5)
+            if p in self._procs:
+                self._procs.remove(p)
+            out.seek(0)
+            cap._load(out.read())
+            out.close()
+            cap.done = True
+            return (bytes(buf) + err).decode(errors="replace").strip()
+
+        self._closers.append(stop)  # if the block never ends (see close())
+        try:
+            line = _read_until_newline(p.stderr.fileno(), buf, time.monotonic() + 10)
+            if line != b"ready":
+                raise NatLabError(
+                    f"capture({host!r}, {ifname!r}) did not start: {(line or b'').decode()} "
+                    f"{stop()}"
+                )
+            yield cap
+        except BaseException:
+            if not cap.done:
+                with contextlib.suppress(Exception):
+                    stop()
+            raise
+        said = stop()
+        m = re.search(r"captured (\d+) dropped (\d+)$", said)
+        if p.returncode != 0 or not m:
+            raise NatLabError(f"capture({host!r}, {ifname!r}) failed ({p.returncode}): {said}")
+        cap.dropped = int(m[2])
+        if int(m[1]) != cap.packets:
+            raise NatLabError(f"capture: {m[1]} frames captured, {cap.packets} stored")
+        if cap.dropped:
+            raise NatLabError(f"capture({host!r}, {ifname!r}): kernel dropped {cap.dropped}")
+
+    def whoami_server(
+        self, host: str = "wan", port: int = 0, *, bind: str = "0.0.0.0"
+    ) -> WhoamiServer:
+        """Start a TCP server in ``host`` that tells each client its source address as seen.
+
+        ``port`` 0 picks a free one (``server.port``).  ``server.ip`` is ``wan_ip`` for
+        "wan", else ``bind`` (pass the address to dial there).  ``server.next_peer()``:
+        ``Peer(ip, port, received)`` of each connection served.  Use whoami() as client.
+        """
+        self._require_open()
+        self.ns(host)
+        ip = self.wan_ip if host == "wan" and self.wan_ip else bind
+        return WhoamiServer(self, host, ip, port, bind)
+
+    def whoami(
+        self,
+        host: str,
+        ip: str,
+        port: int,
+        *,
+        local_port: int = 0,
+        payload: bytes = b"",
+        timeout: float = 5,
+    ) -> Whoami:
+        """Connect from ``host`` to a WhoamiServer at ``ip:port`` and learn how it saw us.
+
+        ``local_port``: bind the client there first (SO_REUSEADDR), to see whether the NAT
+        kept it.  ``payload`` (small; it goes on the command line) is sent in one write, in
+        plaintext.  The server closes first, so the client leaves no TIME_WAIT and may reuse
+        ``local_port`` for the same server at once.  CommandError if the connection fails.
+        """
+        argv = [sys.executable, "-c", _WHOAMI_CLIENT, ip, str(port), str(local_port)]
+        argv += [payload.hex(), str(timeout)]
+        local_ip, lport, seen_ip, seen_port = self.run(
+            host, argv, timeout=timeout + 10
+        ).stdout.split()
+        return Whoami(local_ip, int(lport), seen_ip, int(seen_port))
 
     def set_netem(self, host: str, ifname: str, spec: str) -> None:
         """Shape egress of one interface, e.g. ``set_netem("natA", "wan0", "delay 40ms")``.
@@ -554,6 +1011,12 @@ class NatLab:
         errors: list[str] = []
         self._stop_line(errors)
         self._stop_procs(errors)
+        for closer in self._closers:
+            try:
+                closer()
+            except Exception as e:
+                errors.append(f"{closer}: {e}")
+        self._closers.clear()
         for name in reversed(self._created):
             self._kill_stragglers(name, errors)
         for name in reversed(self._created):
@@ -699,13 +1162,19 @@ class NatLab:
         A host route per leg to the address behind it, proxy ARP (answered at once) so the
         hosts on each leg reach the others as on-link neighbours, and ``own_ip`` on lo.  The
         local rule moves after the delay line's rules, which then also catch packets to
-        ``own_ip`` (see the module docstring).
+        ``own_ip`` (see the module docstring).  TCP and UDP early demux are off here: they
+        would attach a local connected socket to each later packet of a connection to
+        ``own_ip`` before the policy rules route it into the line, and the kernel drops a
+        forwarded packet that carries a socket, so only a connection's SYN got through.
         """
         name = self.ns(host)
         sysctls = [
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
+            # else a server at own_ip gets a connection's SYN and nothing after it
+            "net.ipv4.tcp_early_demux=0",
+            "net.ipv4.udp_early_demux=0",
         ]
         for leg in legs:
             sysctls += [
@@ -752,15 +1221,24 @@ class NatLab:
             self._up("alice", "lan0", f"{self.alice_ip}/24")
             self._up("bob", "lan0", f"{self.bob_ip}/24")
             return
-        # alice behind natA in every other kind
-        self._veth("alice", "lan0", "natA", "lan0")
+        # alice behind natA in every other kind; in "same-nat" bob too, on a bridged LAN
+        if self.kind == "same-nat":
+            self._veth("alice", "lan0", "lan", "alice")
+            self._veth("bob", "lan0", "lan", "bob")
+            self._veth("natA", "lan0", "lan", "natA")
+            self._bridge("lan", ["alice", "bob", "natA"], None)
+        else:
+            self._veth("alice", "lan0", "natA", "lan0")
         self._veth("natA", "wan0", "wan", "natA")
         self._up("alice", "lan0", f"{self.alice_ip}/24")
         self._up("natA", "lan0", "192.168.1.1/24")
         self._up("natA", "wan0", f"{self.alice_public}/24")
         self._route_default("alice", "192.168.1.1")
         legs = {"natA": self.alice_public}
-        if self.kind == "no-nat":
+        if self.kind == "same-nat":
+            self._up("bob", "lan0", f"{self.bob_ip}/24")
+            self._route_default("bob", "192.168.1.1")
+        elif self.kind == "no-nat":
             self._veth("bob", "wan0", "wan", "bob")
             self._up("bob", "wan0", f"{self.bob_ip}/24")
             legs["bob"] = self.bob_public
@@ -802,6 +1280,8 @@ class NatLab:
         """Fail loudly now if the plumbing is broken, rather than as a punching failure."""
         if self.kind == "same-lan":
             checks = {"alice": [self.bob_ip], "bob": [self.alice_ip]}
+        elif self.kind == "same-nat":
+            checks = {"alice": [str(self.wan_ip), self.bob_ip], "bob": [str(self.wan_ip)]}
         else:
             checks = {"alice": [str(self.wan_ip)], "bob": [str(self.wan_ip)]}
         procs = {
