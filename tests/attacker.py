@@ -397,23 +397,35 @@ async def guess_code(
     seen: bytearray | None = None,
 ) -> bool:
     """One online guess at a --code victim's code: our HELLO with a SPAKE2 message for
-    `guess`, then its HELLO and FINISH, whose MAC is checked offline (what an attacker
-    takes home); we close without our FINISH (after reading on for `linger` seconds).
-    True if the guess was right. NoAnswer if the victim never sent its FINISH."""
+    `guess`, then its HELLO. The TLS server speaks first (docs/PROTOCOL.md §4.5): when the
+    victim is the server, its FINISH comes at once and its MAC is checked offline (what an
+    attacker takes home), and we close without our FINISH; when we are the server, we must
+    send our FINISH, with a MAC for `guess`, and the victim answers with its own only if the
+    guess was right. We read on for `linger` seconds before closing.
+    True if the guess was right. NoAnswer if a victim that is the TLS server never sent its
+    FINISH."""
     try:
         spake = spake2.SPAKE2_Symmetric(guess.encode("utf-8"), idSymmetric=SPAKE_ID)
-        ours, _ = make_hello(identity, spake.start())
+        ours, nonce = make_hello(identity, spake.start())
         await _send(sock, ours)
         theirs, hello = await read_hello(sock, within=within, seen=seen)
         if not hello.spake_message:
             raise NoAnswer("its HELLO carries no code message: it does not use --code")
-        finish = await read_finish(sock, hello, within=within, seen=seen)
         key = spake.finish(hello.spake_message)
         victim_fp = fingerprint(hello.cert_der)
-        expected = confirmation(key, victim_fp, [(identity.fingerprint, ours), (victim_fp, theirs)])
+        hellos = [(identity.fingerprint, ours), (victim_fp, theirs)]
+        if identity.fingerprint > victim_fp:  # we are the TLS server: we speak first
+            mac = confirmation(key, identity.fingerprint, hellos)
+            await _send(sock, msg.encode_finish(msg.Finish(nonce, mac)))
+            try:
+                finish = await read_finish(sock, hello, within=within, seen=seen)
+            except NoAnswer:
+                return False  # it checked our MAC, found a different code, and said nothing
+        else:
+            finish = await read_finish(sock, hello, within=within, seen=seen)
         if linger:
             await until_closed(sock, linger, seen)
-        return hmac.compare_digest(finish.mac, expected)
+        return hmac.compare_digest(finish.mac, confirmation(key, victim_fp, hellos))
     finally:
         sock.close()
 
@@ -462,7 +474,8 @@ async def hello_with(
 ) -> int | None:
     """A HELLO with `identity`'s certificate (another one, or the victim's own), no code
     message; then close without our FINISH. Returns the reason of the victim's REFUSE, or
-    None if it answered FINISH (it took the certificate and revealed its nonce)."""
+    None if it answered FINISH (it took the certificate and revealed its nonce: only a
+    victim that is the TLS server, docs/PROTOCOL.md §4.5, sends it unasked)."""
     try:
         ours, _ = make_hello(identity)
         await _send(sock, ours)

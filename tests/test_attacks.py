@@ -428,7 +428,13 @@ def test_strangers_are_dropped_and_the_real_peer_links(
     the stallers' 10 s deadline."""
     victim_identity = load_or_create(tmp_path / "victim")
     peer_identity = load_or_create(tmp_path / "peer")
-    stranger = load_or_create(tmp_path / "stranger")
+    # A stranger the victim is TLS server to (docs/PROTOCOL.md §4.5): in unverified mode the
+    # victim takes its certificate and sends its FINISH first, revealing its nonce.
+    stranger = next(
+        s
+        for s in (load_or_create(tmp_path / f"stranger{i}") for i in range(64))
+        if s.fingerprint < victim_identity.fingerprint
+    )
     victim_auth, peer_auth = {
         "peer-id": (["--peer-id", peer_identity.id], ["--peer-id", victim_identity.id]),
         "unverified": ([], []),

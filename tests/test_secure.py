@@ -10,7 +10,16 @@ import pytest
 
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, load_or_create
-from tete_tunnel.secure import Auth, CodeGuessFailed, Mode, Rejected, SecureLink, secure
+from tete_tunnel.secure import (
+    Arbiter,
+    Auth,
+    CodeGuessFailed,
+    Duplicate,
+    Mode,
+    Rejected,
+    SecureLink,
+    secure,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +34,21 @@ async def both(
     sa, sb = socket.socketpair()
     sa.setblocking(False)
     sb.setblocking(False)
+
+    async def one(sock: socket.socket, identity: Identity, auth: Auth) -> SecureLink:
+        try:
+            return await secure(sock, identity, auth)
+        except BaseException:
+            sock.close()  # as the connector does: the other side sees the connection end
+            raise
+
     results = await asyncio.wait_for(
-        asyncio.gather(secure(sa, id_a, auth_a), secure(sb, id_b, auth_b), return_exceptions=True),
+        asyncio.gather(one(sa, id_a, auth_a), one(sb, id_b, auth_b), return_exceptions=True),
         timeout=20,
     )
-    for r, s in zip(results, (sa, sb), strict=True):
+    for r in results:
         if isinstance(r, SecureLink):
             r.carrier.transport.close()
-        else:
-            s.close()
     return results[0], results[1]
 
 
@@ -120,3 +135,36 @@ def test_tls_refuses_a_certificate_other_than_the_hello_one(ids, tmp_path: Path)
     a, b = run(both(ids[0], Auth(), impostor, Auth()))
     assert isinstance(a, HandshakeError) and "TLS" in str(a)
     assert not isinstance(b, SecureLink)
+
+
+@pytest.mark.parametrize("auth", [Auth(), Auth(code="7-purple-sausages")], ids=["plain", "code"])
+def test_two_connections_at_once_give_one_link(ids, auth: Auth) -> None:
+    """Two connections between the same peers at once (a dial each way, or two candidate
+    addresses): the TLS server's arbiter lets one link and refuses the other as a duplicate
+    before any code confirmation is sent on it, so both sides hold the same one link and no
+    guess of the code is spent."""
+
+    async def main() -> list[list[SecureLink | BaseException]]:
+        pairs = [socket.socketpair() for _ in range(2)]
+        for pair in pairs:
+            for sock in pair:
+                sock.setblocking(False)
+        arbiters = [Arbiter(), Arbiter()]
+        runs = [
+            secure(pair[side], ids[side], auth, None, arbiters[side])
+            for pair in pairs
+            for side in (0, 1)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 20)
+        socks = [sock for pair in pairs for sock in pair]
+        for r, sock in zip(results, socks, strict=True):
+            if isinstance(r, SecureLink):
+                r.carrier.transport.close()
+            else:
+                sock.close()
+        return [results[0:2], results[2:4]]
+
+    results = run(main())
+    linked = [pair for pair in results if all(isinstance(r, SecureLink) for r in pair)]
+    dropped = [pair for pair in results if all(isinstance(r, Duplicate) for r in pair)]
+    assert len(linked) == 1 and len(dropped) == 1

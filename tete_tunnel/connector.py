@@ -37,8 +37,10 @@ from tete_tunnel.punch import (
 from tete_tunnel.secure import (
     PREAUTH_TIMEOUT,
     WRONG_CODE,
+    Arbiter,
     Auth,
     CodeGuessFailed,
+    Duplicate,
     Mode,
     Progress,
     Rejected,
@@ -291,6 +293,7 @@ class Punch:
         self.attempts = Attempts()
         self.family = family_of(candidates[0][0])
         self.codes_drawn = 0  # handshakes that failed after our nonce went out
+        self.arbiter = Arbiter()  # several connections to the peer: one goes on
         self.won: asyncio.Future[SecureLink] = asyncio.get_running_loop().create_future()
         self.handshakes: set[asyncio.Task[None]] = set()
         self.in_flight: dict[asyncio.Task[None], tuple[str, bool]] = {}  # far end, dialed
@@ -298,7 +301,8 @@ class Punch:
         # Connections still in their handshake at the deadline (and whether we dialed them).
         self.stalled: list[tuple[str, bool]] = []
 
-    async def run(self, deadline: float | None) -> SecureLink | None:
+    async def run(self, deadline: float | None, finish_in_flight: float = 0.0) -> SecureLink | None:
+        """`finish_in_flight`: at the deadline, handshakes under way may finish within this."""
         loop = asyncio.get_running_loop()
         listener = listen(self.family, self.local_port)
         also = tuple(self.candidates[1:])
@@ -315,6 +319,16 @@ class Punch:
             for worker in workers:
                 if worker in done:
                     worker.result()  # a dial that cannot go on (PunchError) ends the wait
+            if not self.won.done() and self.handshakes and finish_in_flight > 0:
+                for worker in workers:  # no new attempts; the ones under way may finish
+                    worker.cancel()
+                in_flight = asyncio.ensure_future(asyncio.wait(list(self.handshakes)))
+                await asyncio.wait(
+                    [self.won, in_flight],
+                    timeout=finish_in_flight,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                in_flight.cancel()
             if not self.won.done():
                 self.stalled = list(self.in_flight.values())
                 return None
@@ -361,13 +375,18 @@ class Punch:
                 tune_link_socket(sock, self.keepalive.interval, self.keepalive.timeout)
             try:
                 async with asyncio.timeout(PREAUTH_TIMEOUT):
-                    link = await secure(sock, self.identity, self.auth, progress)
+                    link = await secure(sock, self.identity, self.auth, progress, self.arbiter)
             except TimeoutError:
                 if progress.code_spent:
                     raise CodeGuessFailed(
                         WRONG_CODE.format(what="the peer went silent after its code message")
                     ) from None
                 raise HandshakeError("it sent no complete handshake in time") from None
+        except Duplicate:  # the peer goes on with another of our connections: all is well
+            sock.close()
+            if dialer is not None:
+                dialer.free.set()
+            return
         except (HandshakeError, OSError) as exc:
             sock.close()
             if progress.nonce_revealed and self.auth.mode is Mode.UNVERIFIED:

@@ -17,6 +17,7 @@ from tete_tunnel.errors import HandshakeError
 class NotAPeer(HandshakeError):
     """What answered does not speak tete-tunnel at all (another service on that port?)."""
 
+
 MAGIC = b"TETE"
 VERSION = 1
 HEADER = struct.Struct("!4sBBH")
@@ -39,6 +40,7 @@ class RefuseReason(IntEnum):
     CODE_MISSING = 2  # the sender uses --code and the receiver sent no code message
     CODE_UNEXPECTED = 3  # the receiver sent a code message but the sender has no --code
     SAME_IDENTITY = 4  # both sides hold the same certificate
+    DUPLICATE = 5  # the sender (TLS server) goes on with another connection to the receiver
 
 
 @dataclass(frozen=True)

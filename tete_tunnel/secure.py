@@ -15,6 +15,7 @@ so roles never depend on what anyone typed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -23,6 +24,7 @@ import math
 import os
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import spake2
@@ -72,6 +74,7 @@ class SecureLink:
     is_tls_client: bool
     mode: Mode
     safety_code: str
+    path: str | None = None  # "direct" or "relayed via HOST:PORT" when a relay was used
 
 
 MIN_CODE_BITS = 16  # below this, even one guess per run is a real chance (1 in 65536)
@@ -194,19 +197,49 @@ WRONG_CODE = (
 )
 
 
+class Arbiter:
+    """Of several connections to the same peer at once (a dial of ours, one of its, two
+    candidate addresses), the TLS server goes on with one at a time and with none after one
+    has linked: both sides end up with the same link, and no second exchange of code
+    confirmations ever happens (each would be a guess spent, docs/PROTOCOL.md §4.5)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[bytes, asyncio.Lock] = {}
+        self._linked: set[bytes] = set()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, peer_fp: bytes) -> AsyncIterator[bool]:
+        """Our turn with this peer: True to go on, False when another link already won."""
+        lock = self._locks.setdefault(peer_fp, asyncio.Lock())
+        async with lock:
+            yield peer_fp not in self._linked
+
+    def linked(self, peer_fp: bytes) -> None:
+        self._linked.add(peer_fp)
+
+
+class Duplicate(Rejected):
+    """The peer goes on with another connection of ours: this one is dropped, no harm done."""
+
+
 async def secure(
-    sock: socket.socket, identity: Identity, auth: Auth, progress: Progress | None = None
+    sock: socket.socket,
+    identity: Identity,
+    auth: Auth,
+    progress: Progress | None = None,
+    arbiter: Arbiter | None = None,
 ) -> SecureLink:
     """Authenticate the peer on `sock` and run TLS over it; the caller bounds the time.
 
     Raises HandshakeError for anything that is not the peer we expect, Rejected (a subclass)
     for a well-formed one we refuse or that refuses us; the caller drops these and goes on
-    waiting. Raises CodeGuessFailed once the code exchange failed after the peer's SPAKE2
-    message was used. `progress` records how far it got (for a failure by timeout too).
+    waiting. Raises CodeGuessFailed once the code exchange failed after a code confirmation
+    went out, or a wrong one came in. `progress` records how far it got (for a failure by
+    timeout too). `arbiter` is shared by the handshakes of one wait for the peer.
     """
     progress = progress if progress is not None else Progress()
     try:
-        return await _secure(sock, identity, auth, progress)
+        return await _secure(sock, identity, auth, progress, arbiter)
     except HandshakeError as exc:
         if progress.code_spent:
             raise CodeGuessFailed(WRONG_CODE.format(what=exc)) from exc
@@ -214,7 +247,11 @@ async def secure(
 
 
 async def _secure(
-    sock: socket.socket, identity: Identity, auth: Auth, progress: Progress
+    sock: socket.socket,
+    identity: Identity,
+    auth: Auth,
+    progress: Progress,
+    arbiter: Arbiter | None,
 ) -> SecureLink:
     my_fp = identity.fingerprint
     nonce = os.urandom(msg.NONCE_SIZE)
@@ -256,26 +293,83 @@ async def _secure(
             f"{peer_id} (a wrong --peer-id, or someone in the middle)",
             "wrong-id",
         )
-    mac = b""
     key = b""
+    transcript = b""
     if spake_state is not None:
         if not peer_hello.spake_message:
             await _refuse(sock, msg.RefuseReason.CODE_MISSING)
             raise Rejected(CODE_NOT_THERE, "code-mismatch")
-        progress.code_spent = True  # from here on, any failure is a guess tried and missed
         try:
             key = spake_state.finish(peer_hello.spake_message)
         except Exception as exc:  # spake2 raises assorted types for malformed points
             raise HandshakeError(f"malformed code exchange from the peer: {exc!r}") from exc
         lo, hi = sorted([(my_fp, my_hello), (peer_fp, their_hello)])
         transcript = hashlib.sha256(lo[1] + hi[1]).digest()
-        mac = _confirmation(key, my_fp, transcript)
     elif peer_hello.spake_message:
         await _refuse(sock, msg.RefuseReason.CODE_UNEXPECTED)
         raise Rejected(CODE_NOT_HERE, "code-mismatch")
+    coded = spake_state is not None
+    my_finish = msg.encode_finish(
+        msg.Finish(nonce, _confirmation(key, my_fp, transcript) if coded else b"")
+    )
 
-    progress.nonce_revealed = True
-    await _send(sock, msg.encode_finish(msg.Finish(nonce, mac)))
+    # The TLS server speaks first, the client only once the server's FINISH has checked out:
+    # so of two links at once the server's arbiter decides which one goes on, before any
+    # code confirmation is sent on the other.
+    server_side = my_fp > peer_fp
+    if server_side:
+        async with _turn(arbiter, peer_fp) as go:
+            if not go:
+                await _refuse(sock, msg.RefuseReason.DUPLICATE)
+                raise Duplicate("we link with the peer on another connection", "duplicate")
+            progress.code_spent = coded  # from here on, any failure is a guess spent
+            progress.nonce_revealed = True
+            await _send(sock, my_finish)
+            finish = await _recv_finish(sock, identity, peer_hello, key, peer_fp, transcript)
+            link = await _tls_link(sock, identity, peer_der, peer_fp, server_side)
+            if arbiter is not None:
+                arbiter.linked(peer_fp)
+    else:
+        try:
+            finish = await _recv_finish(sock, identity, peer_hello, key, peer_fp, transcript)
+        except _WrongConfirmation as exc:
+            progress.code_spent = True  # the server tried a code on us, and it was wrong
+            raise HandshakeError(str(exc)) from exc
+        progress.code_spent = coded
+        progress.nonce_revealed = True
+        await _send(sock, my_finish)
+        link = await _tls_link(sock, identity, peer_der, peer_fp, server_side)
+    return SecureLink(
+        carrier=link,
+        peer_fingerprint=peer_fp,
+        peer_id=peer_id,
+        is_tls_client=not server_side,
+        mode=auth.mode,
+        safety_code=safety_code(my_fp, nonce, peer_fp, finish.nonce),
+    )
+
+
+def _turn(arbiter: Arbiter | None, peer_fp: bytes) -> contextlib.AbstractAsyncContextManager[bool]:
+    return arbiter.turn(peer_fp) if arbiter is not None else _always()
+
+
+@contextlib.asynccontextmanager
+async def _always() -> AsyncIterator[bool]:
+    yield True
+
+
+class _WrongConfirmation(HandshakeError):
+    pass
+
+
+async def _recv_finish(
+    sock: socket.socket,
+    identity: Identity,
+    peer_hello: msg.Hello,
+    key: bytes,
+    peer_fp: bytes,
+    transcript: bytes,
+) -> msg.Finish:
     kind, body = await _recv_message(sock, "the peer's FINISH")
     if kind == msg.MessageType.REFUSE:
         raise _refused(msg.parse_refuse(body).reason, identity)
@@ -284,12 +378,17 @@ async def _secure(
     finish = msg.parse_finish(body)
     if not hmac.compare_digest(hashlib.sha256(finish.nonce).digest(), peer_hello.commitment):
         raise HandshakeError("the peer's nonce does not match its commitment")
-    if spake_state is not None:
+    if peer_hello.spake_message:
         expected = _confirmation(key, peer_fp, transcript)
         if not hmac.compare_digest(finish.mac, expected):
-            raise HandshakeError("its key confirmation does not match ours: a different code")
+            raise _WrongConfirmation("its key confirmation does not match ours: a different code")
+    return finish
 
-    server_side = my_fp > peer_fp
+
+async def _tls_link(
+    sock: socket.socket, identity: Identity, peer_der: bytes, peer_fp: bytes, server_side: bool
+) -> Carrier:
+    """TLS 1.3 pinned to the HELLO's certificate, then READY: the link's carrier."""
     try:
         carrier = await _tls(sock, _tls_context(identity, peer_der, server_side), server_side)
     except (ssl.SSLError, OSError) as exc:
@@ -313,14 +412,7 @@ async def _secure(
     except BaseException:
         transport.abort()
         raise
-    return SecureLink(
-        carrier=carrier,
-        peer_fingerprint=peer_fp,
-        peer_id=peer_id,
-        is_tls_client=not server_side,
-        mode=auth.mode,
-        safety_code=safety_code(my_fp, nonce, peer_fp, finish.nonce),
-    )
+    return carrier
 
 
 def _describe(exc: BaseException) -> str:
@@ -348,6 +440,8 @@ def _refused(reason: int, identity: Identity) -> Rejected:
         return Rejected(f"it refused us: {CODE_NOT_HERE}", "code-mismatch")
     if reason == msg.RefuseReason.CODE_UNEXPECTED:
         return Rejected(f"it refused us: {CODE_NOT_THERE}", "code-mismatch")
+    if reason == msg.RefuseReason.DUPLICATE:
+        return Duplicate("the peer goes on with another connection of ours", "duplicate")
     if reason == msg.RefuseReason.SAME_IDENTITY:
         return Rejected(
             "it refused us: both peers use the same identity: give one of them its own with "
