@@ -6,6 +6,7 @@ usage errors); anything else is a bug, shown as one line too, with the traceback
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import traceback
@@ -17,16 +18,20 @@ import typer
 
 from tete_tunnel import __version__, eventloop
 from tete_tunnel import log as logmod
+from tete_tunnel import rendezvous as rv
 from tete_tunnel.connector import DEFAULT_PORT, DEFAULT_TIMEOUT, DirectConnector, LinkConfig
 from tete_tunnel.errors import TeteError, UsageError
 from tete_tunnel.forward import DEFAULT_MAX_CONNECTIONS
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.log import log, setup_logging
 from tete_tunnel.malloc import tune_malloc
+from tete_tunnel.relay import RelayLimits, run_relay
+from tete_tunnel.rendezvous import DEFAULT_RELAY_PORT
 from tete_tunnel.secure import MIN_CODE_BITS, Auth, code_strength
 from tete_tunnel.session import Keepalive
 from tete_tunnel.supervisor import App, supervise
 from tete_tunnel.text import safe_lines
+from tete_tunnel.via import RelayConnector, ViaConfig, whoami
 
 app = typer.Typer(
     name="tete-tunnel",
@@ -42,9 +47,24 @@ AUTH = "Authentication"
 
 # Shared by every command that makes a link; the single-dash spellings are the seed tool's.
 PeerIp = Annotated[
-    str,
+    str | None,
     typer.Option(
-        "--peer-ip", "-peerip", help="The peer's public IP address.", rich_help_panel=CONN
+        "--peer-ip",
+        "-peerip",
+        help="The peer's public IP address (not needed with --via).",
+        rich_help_panel=CONN,
+    ),
+]
+Via = Annotated[
+    str | None,
+    typer.Option(
+        "--via",
+        metavar="RELAY[,RELAY...]",
+        help="Meet the peer at a relay (HOST[:PORT], default port "
+        f"{DEFAULT_RELAY_PORT}): no addresses to type; direct when the NATs allow it, "
+        "through the relay when not. Without --code or --peer-id, makes up a code for "
+        "the peer to type.",
+        rich_help_panel=CONN,
     ),
 ]
 MyIp = Annotated[
@@ -133,7 +153,7 @@ Verbose = Annotated[
 
 
 def _link_config(
-    peer_ip: str,
+    peer_ip: str | None,
     my_ip: str | None,
     lport: int,
     rport: int,
@@ -142,7 +162,12 @@ def _link_config(
     identity: Path | None,
     timeout: float,
     keepalive: Keepalive | None,
-) -> LinkConfig:
+    via: str | None = None,
+) -> LinkConfig | ViaConfig:
+    if via is not None and peer_ip is not None:
+        raise UsageError("--via finds the peer's address itself: leave out --peer-ip")
+    if via is None and peer_ip is None:
+        raise UsageError("give the peer's public address with --peer-ip, or a relay with --via")
     if peer_id is not None and code is not None:
         raise UsageError("use either --peer-id or --code, not both")
     if code is not None and not code.strip():
@@ -158,6 +183,18 @@ def _link_config(
         peer_fingerprint=parse_id(peer_id) if peer_id is not None else None,
         code=code.strip() if code is not None else None,
     )
+    if via is not None:
+        via_config = ViaConfig(
+            relays=tuple(rv.parse_relays(via)),
+            local_port=lport,
+            auth=auth,
+            identity_dir=identity,
+            timeout=timeout,
+            keepalive=keepalive,
+        )
+        via_config.check()
+        return via_config
+    assert peer_ip is not None
     config = LinkConfig(
         peer_ip=peer_ip.strip("[]"),
         local_port=lport,
@@ -186,16 +223,19 @@ def _keepalive(
     )
 
 
-def _linked(config: LinkConfig, app: App) -> Coroutine[Any, Any, None]:
+def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine[Any, Any, None]:
     """The work of a command that links to the peer: identity first, then the supervisor."""
     identity = load_or_create(config.identity_dir)  # a bad identity fails before the network
     log.info("our ID: %s", identity.id)
-    connector = DirectConnector(config, identity)
+    connector: DirectConnector | RelayConnector
+    if isinstance(config, ViaConfig):
+        config = dataclasses.replace(config, peer_command=f"tete-tunnel {command}")
+        connector = RelayConnector(config, identity, keep_control=command == "forward")
+    else:
+        connector = DirectConnector(config, identity)
 
     async def work() -> None:
-        ending = await supervise(
-            connector, app, timeout=config.timeout, keepalive=config.keepalive
-        )
+        ending = await supervise(connector, app, timeout=config.timeout, keepalive=config.keepalive)
         logmod.event(ending.value)
 
     return work()
@@ -239,7 +279,8 @@ def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
 
 @app.command("pipe")
 def pipe_command(
-    peer_ip: PeerIp,
+    peer_ip: PeerIp = None,
+    via: Via = None,
     my_ip: MyIp = None,
     lport: LPort = DEFAULT_PORT,
     rport: RPort = DEFAULT_PORT,
@@ -263,16 +304,17 @@ def pipe_command(
     def work() -> Coroutine[Any, Any, None]:
         alive = _keepalive(False, keepalive, keepalive_interval, keepalive_timeout)
         config = _link_config(
-            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive
+            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
         )
-        return _linked(config, PipeApp())
+        return _linked(config, PipeApp(), "pipe")
 
     _run(verbose, work)
 
 
 @app.command("forward")
 def forward_command(
-    peer_ip: PeerIp,
+    peer_ip: PeerIp = None,
+    via: Via = None,
     local: Annotated[
         list[str] | None,
         typer.Option(
@@ -378,11 +420,113 @@ def forward_command(
         )
         alive = _keepalive(True, keepalive, keepalive_interval, keepalive_timeout)
         config = _link_config(
-            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive
+            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
         )
-        return _linked(config, forwarder)
+        return _linked(config, forwarder, "forward")
 
     _run(verbose, work)
+
+
+@app.command("relay")
+def relay_command(
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            metavar="[HOST:]PORT",
+            help=f"Where to listen (default all addresses, port {DEFAULT_RELAY_PORT}).",
+        ),
+    ] = str(DEFAULT_RELAY_PORT),
+    max_sessions: Annotated[
+        int, typer.Option("--max-sessions", metavar="N", help="Relayed pairs at once.")
+    ] = RelayLimits.max_sessions,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--idle-timeout",
+            metavar="SECONDS",
+            help="Cut a relayed pair that moves no byte for this long.",
+        ),
+    ] = RelayLimits.idle_timeout,
+    max_session_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-session-bytes",
+            metavar="N",
+            help="Cut a relayed pair after this many bytes (0: no limit).",
+        ),
+    ] = RelayLimits.max_session_bytes,
+    upgrade_interval: Annotated[
+        float,
+        typer.Option(
+            "--upgrade-interval",
+            metavar="SECONDS",
+            help="How often a relayed pair is told to try a direct path again.",
+        ),
+    ] = RelayLimits.upgrade_interval,
+    verbose: Verbose = 0,
+) -> None:
+    """Run a rendezvous and relay server for peers that use --via.
+
+    It sees rendezvous names (a hash of two IDs, or a code's leading number), addresses and
+    ciphertext, nothing else: authentication and TLS run end to end between the peers.
+    """
+
+    def work() -> Coroutine[Any, Any, None]:
+        host, port = _host_port(listen, "--listen", "0.0.0.0")
+        if max_sessions < 1 or idle_timeout <= 0 or upgrade_interval <= 0 or max_session_bytes < 0:
+            raise UsageError("relay limits must be positive numbers")
+        limits = RelayLimits(
+            max_sessions=max_sessions,
+            idle_timeout=idle_timeout,
+            max_session_bytes=max_session_bytes,
+            upgrade_interval=upgrade_interval,
+        )
+        return run_relay(host, port, limits)
+
+    _run(verbose, work)
+
+
+@app.command("whoami")
+def whoami_command(
+    via: Annotated[
+        str,
+        typer.Option("--via", metavar="RELAY[,RELAY...]", help="The relay to ask."),
+    ],
+    lport: LPort = DEFAULT_PORT,
+    verbose: Verbose = 0,
+) -> None:
+    """Print our public address as a relay sees it (the port our NAT gives --lport).
+
+    The last line of standard output is IP:PORT: tell it to a peer that uses --peer-ip and
+    --rport.
+    """
+
+    def work() -> Coroutine[Any, Any, None]:
+        relays = tuple(rv.parse_relays(via))
+        if not 1 <= lport <= 65535:
+            raise UsageError(f"--lport {lport} is not a TCP port (1-65535)")
+
+        async def ask() -> None:
+            print(await whoami(relays, lport), flush=True)
+
+        return ask()
+
+    _run(verbose, work)
+
+
+def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected [HOST:]PORT") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"{option} {text!r}: port out of range")
+    return host, port
 
 
 @app.command("demo")

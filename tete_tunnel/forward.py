@@ -44,6 +44,10 @@ PREAMBLE_TIMEOUT = 10.0  # a peer's open request must arrive within this
 CONNECT_TIMEOUT = 10.0  # connecting to a target
 LISTEN_BACKLOG = 512  # bursts of connections wait in the kernel, not in memory
 CONNECTION_WAIT = 30.0  # a connection that arrives while the link is down waits this long
+# A -R asked again on a new session may find the port still held by the listener of the
+# session it replaces, for as long as that one's end takes to reach the peer.
+REQUEST_RETRIES = 10
+REQUEST_RETRY_PAUSE = 0.3
 DEFAULT_MAX_CONNECTIONS = 512  # client connections at once per listener (--max-connections)
 
 
@@ -169,8 +173,10 @@ class Relay:
             timer.cancel()
             self._open(conn, session)
 
-    def detach(self) -> None:
-        self._session = None
+    def detach(self, session: Session) -> None:
+        """No more new connections on `session` (unless another has taken its place)."""
+        if self._session is session:
+            self._session = None
 
     async def stop_accepting_and_drain(self) -> None:
         """No new connections; until the ones already here have ended."""
@@ -276,7 +282,9 @@ class Forwarder:
     relays: list[Relay] = field(default_factory=list)  # our -L listeners
     _bound_specs: list[ForwardSpec] = field(default_factory=list)  # theirs, in order
     _remotes: list[_Remote] = field(default_factory=list)
-    _remote_by_stream: dict[int, ForwardSpec] = field(default_factory=dict)
+    # Our -R forwards by (session, control stream id): the id a FORWARDED names.
+    _remote_by_stream: dict[tuple[int, int], ForwardSpec] = field(default_factory=dict)
+    _controls: dict[int, list[Stream]] = field(default_factory=dict)  # by session
     _interrupted: asyncio.Event | None = None
     _sessions: int = 0
     _throttled: Throttled = field(default_factory=Throttled)
@@ -322,7 +330,11 @@ class Forwarder:
         assert self._interrupted is not None
         first = self._sessions == 0
         self._sessions += 1
-        self._remote_by_stream.clear()
+        # Another session still running means this one replaces it (an upgrade to a direct
+        # link): its -R listeners at the peer must close before we ask for them again here.
+        for controls in self._controls.values():
+            for control in controls:
+                control.close()
         for spec, relay in zip(self._bound_specs, self.relays, strict=True):
             if first:
                 target = endpoint(spec.host, spec.port)
@@ -350,7 +362,10 @@ class Forwarder:
                 task.cancel()
             await asyncio.gather(*waiting, *streams, return_exceptions=True)
             for relay in self.relays:
-                relay.detach()
+                relay.detach(session)
+            self._controls.pop(id(session), None)
+            for key in [k for k in self._remote_by_stream if k[0] == id(session)]:
+                del self._remote_by_stream[key]
 
     async def _serve(self, session: Session, streams: set[asyncio.Task[None]]) -> Ending:
         """Accept the peer's streams until it leaves (its go-away) or the link breaks."""
@@ -367,30 +382,42 @@ class Forwarder:
 
     async def _request_remote(self, session: Session, remote: _Remote, first: bool) -> None:
         spec = remote.spec
-        control = session.open_stream()
-        self._remote_by_stream[control.id] = spec  # before any FORWARDED can name it
-        port = spec.bind_port if remote.port is None else remote.port
-        control.write(preamble.encode(preamble.Listen(spec.bind_host, port)))
-        try:
-            async with asyncio.timeout(PREAMBLE_TIMEOUT):
-                answer = await preamble.read_message(control)
-        except TimeoutError:
-            answer = preamble.Refuse("no answer from the peer")
-        except preamble.PreambleError as exc:
-            answer = preamble.Refuse(str(exc))
-        if isinstance(answer, preamble.Bound):
-            if answer.port != remote.port:
-                where = endpoint(spec.bind_host, answer.port)
-                print(f"Forwarding peer {where} -> {endpoint(spec.host, spec.port)}", flush=True)
-            remote.port = answer.port
-            return  # the control stream stays open: the peer keeps listening while it is
-        reason = answer.reason if isinstance(answer, preamble.Refuse) else repr(answer)
-        del self._remote_by_stream[control.id]
-        control.reset()
+        for attempt in range(REQUEST_RETRIES):
+            answer, control = await self._listen_at_peer(session, remote)
+            if isinstance(answer, preamble.Bound):
+                if answer.port != remote.port:
+                    where = endpoint(spec.bind_host, answer.port)
+                    target = endpoint(spec.host, spec.port)
+                    print(f"Forwarding peer {where} -> {target}", flush=True)
+                remote.port = answer.port
+                self._controls.setdefault(id(session), []).append(control)
+                return  # the control stream stays open: the peer listens while it is
+            reason = answer.reason if isinstance(answer, preamble.Refuse) else repr(answer)
+            del self._remote_by_stream[id(session), control.id]
+            control.reset()
+            if "in use" not in reason or attempt == REQUEST_RETRIES - 1:
+                break
+            await asyncio.sleep(REQUEST_RETRY_PAUSE)  # the listener of our last session
         if first and not self.keep_going:
             raise TeteError(f"the peer refused -R {spec.text}: {reason}")
         remote.given_up = first
         log.warning("error: the peer refused -R %s: %s (going on without it)", spec.text, reason)
+
+    async def _listen_at_peer(
+        self, session: Session, remote: _Remote
+    ) -> tuple[preamble.Request | preamble.Answer, Stream]:
+        spec = remote.spec
+        control = session.open_stream()
+        self._remote_by_stream[id(session), control.id] = spec  # before a FORWARDED names it
+        port = spec.bind_port if remote.port is None else remote.port
+        control.write(preamble.encode(preamble.Listen(spec.bind_host, port)))
+        try:
+            async with asyncio.timeout(PREAMBLE_TIMEOUT):
+                return await preamble.read_message(control), control
+        except TimeoutError:
+            return preamble.Refuse("no answer from the peer"), control
+        except preamble.PreambleError as exc:
+            return preamble.Refuse(str(exc)), control
 
     # -- the peer's requests --------------------------------------------------------------
 
@@ -416,7 +443,7 @@ class Forwarder:
                 case preamble.Listen(host, port):
                     await self._serve_listen(session, stream, host, port)
                 case preamble.Forwarded(listener_id):
-                    await self._serve_forwarded(stream, listener_id)
+                    await self._serve_forwarded(session, stream, listener_id)
                 case _:
                     preamble.refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
         except (Closed, LinkBroken):
@@ -444,8 +471,8 @@ class Forwarder:
             return
         await self._connect_and_splice(stream, host, port, addresses, "the peer's -L")
 
-    async def _serve_forwarded(self, stream: Stream, listener_id: int) -> None:
-        spec = self._remote_by_stream.get(listener_id)
+    async def _serve_forwarded(self, session: Session, stream: Stream, listener_id: int) -> None:
+        spec = self._remote_by_stream.get((id(session), listener_id))
         if spec is None:
             preamble.refuse(stream, f"no -R forward with id {listener_id} here")
             return

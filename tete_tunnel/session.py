@@ -313,6 +313,7 @@ class Session:
         self._reported = (0, 0)  # refused/throttled opens already logged
         self._next_report = 0.0
         self._transport_lost = False  # connection_lost came: nothing left to close
+        self._streams_gone = asyncio.Event()  # set when the last open stream goes
         self.ended = asyncio.Event()
         self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
         self.error: LinkBroken | None = None  # why the session ended, if not in order
@@ -395,6 +396,7 @@ class Session:
         self.ended.set()
         self._idle.set()
         self._incoming_ready.set()
+        self._streams_gone.set()
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
         self._report_abuse(self._loop.time(), final=True)  # what the last interval refused
@@ -414,6 +416,12 @@ class Session:
     def _cut_off(self) -> None:
         if not self._transport_lost:
             _abort_transport(self._transport)
+
+    async def no_streams(self) -> None:
+        """Until no stream is open (or the session has ended)."""
+        while self._streams and not self.ended.is_set():
+            self._streams_gone.clear()
+            await self._streams_gone.wait()
 
     async def wait_ended(self) -> None:
         """Until the session ends; raises why if it was not orderly."""
@@ -489,6 +497,8 @@ class Session:
             stream = self._streams.pop(stream_id, None)
             if stream is not None:
                 stream._closed.set()
+        if not self._streams:
+            self._streams_gone.set()
 
     def _contain(
         self, stream: Stream, callback: Callable[[BaseException], None] | Callable[[], None], *args
@@ -541,6 +551,8 @@ class Session:
                     self._contain(stream, stream._ended)
             elif isinstance(event, ev.StreamReset):
                 stream = self._streams.pop(event.stream_id, None)
+                if not self._streams:
+                    self._streams_gone.set()
                 if stream is not None:
                     reset = StreamReset(f"stream {event.stream_id} reset by the peer")
                     self._contain(stream, stream._fail, reset)

@@ -19,11 +19,12 @@ failure. Nothing here prints; the CLI reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import signal
 from collections.abc import Awaitable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tete_tunnel import log as logmod
 from tete_tunnel.errors import Closed, LinkBroken, TeteError
@@ -40,6 +41,9 @@ STOP_GRACE = 5.0  # after interrupt(), how long the app may take to let go of th
 QUICK_FAILURE = 10.0
 FIRST_PAUSE = 0.5
 MAX_PAUSE = 5.0
+# After an upgrade to a direct link, the relayed session is closed once its streams have
+# ended (they finish there), or after this long at the most.
+RETIRE_LIMIT = 600.0
 
 
 class Ending(enum.Enum):
@@ -50,10 +54,17 @@ class Ending(enum.Enum):
 
 
 class Connector(Protocol):
-    """How an authenticated link is obtained (direct punching today; a relay later)."""
+    """How an authenticated link is obtained: direct punching, or a relay's rendezvous."""
 
     async def connect(self, deadline: float | None) -> SecureLink: ...
     def describe(self) -> str: ...
+
+
+class Upgrading(Protocol):
+    """A connector that, while a link goes through a relay, can find a direct one."""
+
+    async def upgrade(self) -> SecureLink: ...
+    async def aclose(self) -> None: ...
 
 
 class App(Protocol):
@@ -143,9 +154,9 @@ async def supervise(
             pause = FIRST_PAUSE
             while True:
                 started = loop.time()
-                logmod.event("Connected to peer!")
+                logmod.event(_connected(link))
                 try:
-                    return await _one_session(link, app, signals, keepalive)
+                    return await _one_session(link, app, signals, keepalive, connector)
                 except LinkBroken as broken:
                     if not app.reconnect:
                         raise
@@ -161,27 +172,60 @@ async def supervise(
                     return Ending.BY_US
         finally:
             await app.close()
+            closing = getattr(connector, "aclose", None)
+            if closing is not None:
+                await closing()
+
+
+def _connected(link: SecureLink) -> str:
+    """The seed's line; with a relay in play, which path the link takes."""
+    return "Connected to peer!" + (f" ({link.path})" if link.path else "")
 
 
 async def _one_session(
-    link: SecureLink, app: App, signals: Signals, keepalive: Keepalive | None
+    link: SecureLink,
+    app: App,
+    signals: Signals,
+    keepalive: Keepalive | None,
+    connector: Connector,
 ) -> Ending:
-    """Run the app over one session; the session's end decides what this returns."""
-    async with Session(
-        link.carrier, client=link.is_tls_client, config=mux_config(keepalive)
-    ) as session:
+    """Run the app over one session; the session's end decides what this returns.
+
+    A relayed link of an app that reconnects (forward) is upgraded when the connector finds
+    a direct one: the app moves its new work to a session over it, the relayed session is
+    retired (its streams finish there, then it is closed), and the direct one goes on here.
+    """
+    async with contextlib.AsyncExitStack() as sessions:
+        session = await sessions.enter_async_context(_session(link, keepalive))
         work = asyncio.ensure_future(app.run(session, link))
         stop = asyncio.ensure_future(signals.stop.wait())
+        upgrading = _upgrading(link, app, connector)
+        retired: list[asyncio.Future[Any]] = []
         try:
-            await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                waiting = [work, stop, *([upgrading] if upgrading else [])]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if upgrading is None or not upgrading.done() or work.done() or stop.done():
+                    break
+                direct = upgrading.result()
+                upgrading = None
+                log.warning("Upgraded to a direct connection")
+                old_session, old_work = session, work
+                session = await sessions.enter_async_context(_session(direct, keepalive))
+                work = asyncio.ensure_future(app.run(session, direct))
+                retired += [old_work, asyncio.ensure_future(_retire(old_session))]
             if not work.done():
                 app.interrupt()
                 await asyncio.wait([work], timeout=STOP_GRACE)
         finally:
-            stop.cancel()
+            for task in (stop, upgrading, *retired):
+                if task is not None:
+                    task.cancel()
             if not work.done():
                 work.cancel()
-            await asyncio.gather(work, stop, return_exceptions=True)
+            await asyncio.gather(
+                work, stop, *(t for t in (upgrading, *retired) if t), return_exceptions=True
+            )
         if work.cancelled():
             await session.close()
             return Ending.BY_US
@@ -194,3 +238,22 @@ async def _one_session(
         if isinstance(error, TeteError):
             await session.close()
         raise error
+
+
+def _session(link: SecureLink, keepalive: Keepalive | None) -> Session:
+    return Session(link.carrier, client=link.is_tls_client, config=mux_config(keepalive))
+
+
+def _upgrading(link: SecureLink, app: App, connector: Connector) -> asyncio.Future[Any] | None:
+    upgrade = getattr(connector, "upgrade", None)
+    if upgrade is None or not app.reconnect or not (link.path or "").startswith("relayed"):
+        return None
+    return asyncio.ensure_future(upgrade())
+
+
+async def _retire(session: Session) -> None:
+    """Close a session that new work no longer goes to, once its streams have ended."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(RETIRE_LIMIT):
+            await session.no_streams()
+    await session.close()
