@@ -275,6 +275,50 @@ if err:
     sys.exit(f"conntrack flush failed: {os.strerror(-err)}")
 """
 
+# forget_flows(): delete the TCP entries whose original destination is argv[1], each by its
+# tuple (ctnetlink IPCTNL_MSG_CT_DELETE with CTA_TUPLE_ORIG); prints how many went.
+_CT_FORGET = r"""
+import os, socket, struct, sys
+NETLINK_NETFILTER, NLMSG_ERROR, NESTED = 12, 2, 0x8000
+msg_type = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
+
+def attr(kind, payload):
+    head = struct.pack("=HH", 4 + len(payload), kind)
+    return head + payload + bytes(-len(payload) % 4)
+
+def tuple_of(src, dst, sport, dport):
+    ip = attr(1, socket.inet_aton(src)) + attr(2, socket.inet_aton(dst))
+    ports = attr(2, struct.pack("!H", sport)) + attr(3, struct.pack("!H", dport))
+    proto = attr(1, bytes([6])) + ports
+    return attr(1 | NESTED, attr(1 | NESTED, ip) + attr(2 | NESTED, proto))
+
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+s.bind((0, 0))
+gone = 0
+for seq, line in enumerate(open("/proc/net/nf_conntrack"), 1):
+    words = line.split()
+    if len(words) < 4 or words[2] != "tcp":
+        continue
+    fields = {}
+    for w in words:
+        k, eq, v = w.partition("=")
+        if eq and k not in fields:  # the first of each: the original direction
+            fields[k] = v
+    if fields.get("dst") != sys.argv[1]:
+        continue
+    body = struct.pack("!BBH", socket.AF_INET, 0, 0) + tuple_of(
+        fields["src"], fields["dst"], int(fields["sport"]), int(fields["dport"])
+    )
+    s.send(struct.pack("=IHHII", 16 + len(body), msg_type, 1 | 4, seq, 0) + body)
+    reply = s.recv(65536)
+    _, typ = struct.unpack_from("=IH", reply)
+    err = struct.unpack_from("=i", reply, 16)[0] if typ == NLMSG_ERROR else 0
+    if err and -err != 2:  # ENOENT: gone by itself meanwhile
+        sys.exit(f"conntrack delete failed: {os.strerror(-err)}")
+    gone += not err
+print(gone)
+"""
+
 
 class NatLabError(RuntimeError):
     """The lab could not be built, used or torn down."""
@@ -787,6 +831,13 @@ class NatLab:
         self._require_open()
         self.ns(host)
         self.run(host, [sys.executable, "-c", _CT_FLUSH])
+
+    def forget_flows(self, host: str, dst_ip: str) -> int:
+        """Delete ``host``'s connection-tracking entries of TCP connections to ``dst_ip``
+        (IPv4, original direction) and return how many: the next SYN of such a connection is
+        mapped afresh (after set_nat(), say), while every other connection keeps its mapping."""
+        self._require_open()
+        return int(self.run(host, [sys.executable, "-c", _CT_FORGET, dst_ip]).stdout)
 
     def conntrack(self, host: str) -> list[str]:
         """``host``'s connection-tracking entries, one line each (``/proc/net/nf_conntrack``)."""
