@@ -55,6 +55,7 @@ log = logging.getLogger("tete_tunnel")
 DIRECT_WAIT = 5.0  # seconds of direct attempts after the relay's punch, before relaying
 RELAY_CONNECT_TIMEOUT = 5.0
 GO_WAIT = 20.0  # after splice: for the relay's go (the peer's data connection is coming)
+NAMEPLATE_PROPOSALS = 12  # two digits first, then three
 RETRY_PAUSE = 2.0  # after a rendezvous that came to nothing (an impostor, a relay gone)
 
 
@@ -259,8 +260,14 @@ class RelayConnector:
         try:
             if name is None:  # we made up a code: the peer types it
                 auth = Auth(code=self.code)
-            async with _until(deadline):
-                paired = await control.expect("paired")
+            try:
+                async with _until(deadline):
+                    paired = await control.expect("paired")
+            except TimeoutError:
+                raise PunchError(
+                    f"the peer did not come to the relay {control.relay} within "
+                    f"--timeout {self.config.timeout:g} s"
+                ) from None
             self.peer = _introduced(paired)
             log.info(
                 "the peer is at %s (local: %s)",
@@ -279,14 +286,25 @@ class RelayConnector:
         return link
 
     async def _meet(self, name: str | None, deadline: float | None) -> Control:
-        """Join the rendezvous at the first relay that answers (all peers order them alike)."""
-        relays = list(self.config.relays)
-        nameplate = None
-        if name is None:
-            nameplate = _propose_nameplate()
-            name = rv.name_for_nameplate(nameplate)
+        """Join the rendezvous at the first relay that answers (all peers order them alike).
+        With no name yet (a code to generate), propose nameplates until one is free."""
+        if name is not None:
+            control = await self._meet_at(name, None, deadline)
+            assert control is not None
+            return control
+        for attempt in range(NAMEPLATE_PROPOSALS):
+            nameplate = _propose_nameplate(digits=2 if attempt < NAMEPLATE_PROPOSALS // 2 else 3)
+            control = await self._meet_at(rv.name_for_nameplate(nameplate), nameplate, deadline)
+            if control is not None:
+                return control
+        raise PunchError("the relay had no free nameplate for a code; try again later")
+
+    async def _meet_at(
+        self, name: str, nameplate: str | None, deadline: float | None
+    ) -> Control | None:
+        """Join `name` (allocating `nameplate` first, when given); None if it is taken."""
         errors = []
-        for relay in rv.pick_relays(relays, name):
+        for relay in rv.pick_relays(list(self.config.relays), name):
             try:
                 control = await open_control(relay, self.config.local_port)
             except (OSError, TimeoutError) as exc:
@@ -294,9 +312,9 @@ class RelayConnector:
                 log.info("relay %s: %s", relay, _why(exc))
                 continue
             try:
-                if nameplate is not None:
-                    nameplate = await self._allocate(control, nameplate)
-                    name = rv.name_for_nameplate(nameplate)
+                if nameplate is not None and not await self._allocate(control, nameplate):
+                    control.close()
+                    return None
                 family = control.sock.family
                 await control.send(
                     {
@@ -320,11 +338,17 @@ class RelayConnector:
             return control
         raise PunchError("no relay could be reached: " + "; ".join(errors))
 
-    async def _allocate(self, control: Control, nameplate: str) -> str:
-        """Reserve the nameplate at the relay (it is the one both peers' hashing picks)."""
+    async def _allocate(self, control: Control, nameplate: str) -> bool:
+        """Reserve the nameplate at the relay (it is the one both peers' hashing picks);
+        False if it is taken."""
         await control.send({"op": "allocate", "nameplate": nameplate})
         async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
-            answer = await control.expect("nameplate")
+            try:
+                answer = await control.expect("nameplate")
+            except rv.RendezvousError as exc:
+                if "nameplate taken" in str(exc):
+                    return False
+                raise
         if answer.get("nameplate") != nameplate:
             raise rv.RendezvousError(f"the relay {control.relay} gave another nameplate")
         self.code = generate_code(nameplate)
@@ -335,7 +359,7 @@ class RelayConnector:
             ",".join(str(r) for r in self.config.relays),
             self.code,
         )
-        return nameplate
+        return True
 
     async def _link(self, control: Control, auth: Auth) -> SecureLink:
         """Direct if the relay-timed punch works, else through the relay."""
@@ -452,9 +476,9 @@ def _introduced(message: dict[str, Any]) -> _Peer:
     return _Peer((unmapped(observed[0]), observed[1]), local)
 
 
-def _propose_nameplate() -> str:
-    """Two digits to type, most of the time; the relay says if it is taken."""
-    return str(secrets.randbelow(90) + 10)
+def _propose_nameplate(digits: int = 2) -> str:
+    """Few digits to type; the relay says if it is taken (then we propose another)."""
+    return str(secrets.randbelow(9 * 10 ** (digits - 1)) + 10 ** (digits - 1))
 
 
 def _close(link: SecureLink) -> None:
