@@ -53,7 +53,8 @@ def decode_length(header: bytes) -> int:
 def decode(body: bytes) -> dict[str, Any]:
     try:
         message = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: 2048 bytes hold ~1000 nested brackets, deeper than json.loads goes.
         raise RendezvousError("malformed rendezvous message") from exc
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise RendezvousError("rendezvous message without an op")
