@@ -119,12 +119,16 @@ def parse_relays(text: str, option: str = "--via") -> list[RelayAddress]:
         if not item:
             continue
         if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise UsageError(f"{option} {text!r}: expected [IPV6]:PORT, got {item!r}")
+            port_text = rest[1:]
         elif item.count(":") == 1:
             host, port_text = item.split(":")
         else:
             host, port_text = item, ""
+            if ":" in host and not _is_ipv6(host):  # `relay:80:90` is no host
+                raise UsageError(f"{option} {text!r}: expected HOST:PORT, got {item!r}")
         try:
             port = int(port_text) if port_text else DEFAULT_RELAY_PORT
         except ValueError:
@@ -135,6 +139,13 @@ def parse_relays(text: str, option: str = "--via") -> list[RelayAddress]:
     if not relays:
         raise UsageError(f"{option} needs at least one relay, HOST:PORT")
     return relays
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 # -- names -------------------------------------------------------------------------------------
