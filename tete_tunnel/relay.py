@@ -35,6 +35,7 @@ from typing import Any
 
 from tete_tunnel import rendezvous as rv
 from tete_tunnel.errors import TeteError
+from tete_tunnel.log import Throttled
 from tete_tunnel.net import endpoint, in_use_message, unmapped
 
 log = logging.getLogger("tete_tunnel")
@@ -45,6 +46,8 @@ PING_TIMEOUT = 2.0  # a paired peer that does not answer the relay's ping is tim
 DIRECT_REPORT_WAIT = 25.0  # after punch: direct attempts (5 s) + a handshake (10 s) + slack
 PIPE_SIZE = 1 << 20  # bytes a splice pipe holds (F_SETPIPE_SZ)
 CHUNK = 1 << 20  # bytes asked of one splice() call
+ACCEPT_PAUSE = 0.1  # after accept() failed for want of descriptors or memory
+_ACCEPT_LATER = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class RelayServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self.stats = {"connections": 0, "refused": 0, "paired": 0, "relayed": 0, "bytes": 0}
+        self._throttled = Throttled()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -124,7 +128,18 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                conn, addr = await loop.sock_accept(self._listener)
+                try:
+                    conn, addr = await loop.sock_accept(self._listener)
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_LATER:
+                        raise
+                    # Out of descriptors or memory (a crowd of connections): the new ones
+                    # wait in the backlog until some close; the relay must not stop.
+                    self._throttled.warning(
+                        "accept", loop.time(), "relay: cannot accept connections: %s", exc.strerror
+                    )
+                    await asyncio.sleep(ACCEPT_PAUSE)
+                    continue
                 self.stats["connections"] += 1
                 if self._pending >= self.limits.max_pending:
                     self.stats["refused"] += 1
