@@ -494,14 +494,16 @@ async def _first(*queues: asyncio.Queue[dict[str, Any]]) -> tuple[int, dict[str,
 
 
 async def join(a: socket.socket, b: socket.socket, limits: RelayLimits) -> int:
-    """Move bytes both ways until both directions have ended; returns the bytes moved.
+    """Move bytes both ways until both directions have ended, one fails, none moved for
+    limits.idle_timeout, or limits.max_session_bytes have moved; returns the bytes moved.
 
     In the kernel where it can: os.splice through a pipe per direction, so ciphertext never
     enters this process. Half-close passes on (EOF one way is a shutdown the other way).
     """
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    pumps = [_Pump(loop, a, b), _Pump(loop, b, a)]
+    budget = _Budget(limits.max_session_bytes or None)
+    pumps = [_Pump(loop, a, b, budget), _Pump(loop, b, a, budget)]
     ended = 0
 
     def finished(pump: _Pump, error: BaseException | None) -> None:
@@ -522,20 +524,47 @@ async def join(a: socket.socket, b: socket.socket, limits: RelayLimits) -> int:
             except TimeoutError:
                 if sum(p.moved for p in pumps) == before:
                     break  # idle: cut it
-            if limits.max_session_bytes and before > limits.max_session_bytes:
-                break
     finally:
         for pump in pumps:
             pump.stop()
     return sum(p.moved for p in pumps)
 
 
+class _Budget:
+    """The bytes a session may still move, both ways together (max_session_bytes); None: no
+    limit. The pumps read no more than it allows, so the limit holds to the byte."""
+
+    def __init__(self, left: int | None) -> None:
+        self.left = left
+
+    def allows(self) -> int:
+        return CHUNK if self.left is None else min(CHUNK, self.left)
+
+    def spend(self, n: int) -> None:
+        if self.left is not None:
+            self.left -= n
+
+    def spent(self) -> bool:
+        return self.left is not None and self.left <= 0
+
+
+class _SessionLimit(Exception):
+    """The session moved its max_session_bytes: it is cut."""
+
+
 class _Pump:
     """One direction: source socket -> pipe -> destination socket, all non-blocking."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        src: socket.socket,
+        dst: socket.socket,
+        budget: _Budget | None = None,
+    ):
         self.loop = loop
         self.src, self.dst = src, dst
+        self.budget = budget or _Budget(None)
         self.moved = 0
         self.held = 0  # bytes in the pipe
         self.eof = False
@@ -566,8 +595,11 @@ class _Pump:
             self.watching = None
 
     def _readable(self) -> None:
+        if self.budget.spent():  # the other direction used it up
+            self._finish(_SessionLimit())
+            return
         try:
-            n = os.splice(self.src.fileno(), self.w, CHUNK, flags=_SPLICE_FLAGS)
+            n = os.splice(self.src.fileno(), self.w, self.budget.allows(), flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -575,6 +607,7 @@ class _Pump:
             return
         if n == 0:
             self.eof = True
+        self.budget.spend(n)
         self.held += n
         self._drain()
 
@@ -597,6 +630,9 @@ class _Pump:
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
             self._finish(None)
+            return
+        if self.budget.spent():  # every byte allowed is delivered: cut the session now
+            self._finish(_SessionLimit())
             return
         if self.watching is None or self.watching[0] != "r":
             self._watch_read()
