@@ -410,9 +410,12 @@ class RelayConnector:
             await asyncio.get_running_loop().sock_sendall(
                 sock, rv.encode({"op": "splice", "token": token})
             )
-            data = Control(sock, relay)
             async with asyncio.timeout(GO_WAIT):
-                await data.expect("go")
+                go = await _recv_exactly_one(sock, relay)
+            if go["op"] == "error":
+                raise rv.RendezvousError(f"the relay {relay}: {go.get('reason')}")
+            if go["op"] != "go":
+                raise rv.RendezvousError(f"the relay {relay} sent {go['op']}, not go")
             if self.config.keepalive is not None:
                 keepalive = self.config.keepalive
                 tune_link_socket(sock, keepalive.interval, keepalive.timeout)
@@ -462,6 +465,23 @@ class RelayConnector:
                 self.path = "direct"
                 await self.aclose()
                 return replace(link, path="direct")
+
+
+async def _recv_exactly_one(sock: socket.socket, relay: rv.RelayAddress) -> dict[str, Any]:
+    """One message and not a byte more: on a data connection the peer's HELLO may follow the
+    relay's "go" in the same segment, and belongs to the handshake."""
+    loop = asyncio.get_running_loop()
+
+    async def exactly(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await loop.sock_recv(sock, n - len(buf))
+            if not chunk:
+                raise ConnectionError(f"the relay {relay} closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    return rv.decode(await exactly(rv.decode_length(await exactly(2))))
 
 
 def _introduced(message: dict[str, Any]) -> _Peer:
