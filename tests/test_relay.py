@@ -19,9 +19,9 @@ RecursionError out of the decoder (a traceback in the relay's log); `--via '[::1
 the like were read as other addresses; EMFILE on accept() stopped the relay; the session
 byte limit was only checked at the idle timer.
 
-Bugs found in via.py and cli.py (not fixed here) are strict xfails: a refused nameplate
-proposal followed at once by another from the same --lport fails with EADDRNOTAVAIL when the
-relay has not closed its side yet; cli.py accepts NaN relay limits.
+Two bugs first found here are fixed and tested: a refused nameplate proposal followed at
+once by another from the same --lport failed with EADDRNOTAVAIL when the relay had not
+closed its side yet (control connections now close with RST); NaN relay limits were taken.
 
 Figures measured on the 2-core development machine (each test prints its own with -s): see
 test_relay_under_abuse_still_pairs_and_stays_small. The whole file: 30-46 s with -n 3.
@@ -633,14 +633,7 @@ def test_a_generated_code_when_two_digit_nameplates_are_taken(procs: Procs, tmp_
             assert rv.decode(sock.recv(length, socket.MSG_WAITALL))["op"] == "observed"
         pa, pb = free_ports(2)
         a = start_peer(procs, tmp_path, relay.address, pa, stdin=b"A", name="a", loop=A_LOOP)
-        try:
-            err = logged(a, "on the other side, type:")
-        except AssertionError:
-            if a.popen.poll() is not None and EADDRNOTAVAIL in a.err:
-                pytest.xfail(
-                    f"the via.py bug of {test_a_refused_proposal_and_a_slow_relay.__name__}"
-                )
-            raise
+        err = logged(a, "on the other side, type:")
         code = re.search(r"your code: (\d+)-([a-z]+)-([a-z]+)$", err, re.M)
         assert code and len(code.group(1)) == 3, err
         b = start_peer(
@@ -727,14 +720,6 @@ class SlowRelay:
         self.listener.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="via.py: after a refused nameplate proposal the client closes its control "
-    "connection first and at once reconnects from the same --lport to the same relay; if the "
-    "relay has not closed its side yet, the old 4-tuple is still in use and connect() fails "
-    "with EADDRNOTAVAIL: the run ends with 'no relay could be reached: ...: Cannot assign "
-    "requested address' though the relay is up (seen with a real relay under load too)",
-)
 def test_a_refused_proposal_and_a_slow_relay(procs: Procs, tmp_path: Path) -> None:
     relay = SlowRelay()
     try:
@@ -1072,13 +1057,6 @@ def test_relay_on_a_port_in_use(procs: Procs) -> None:
         holder.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py: `relay --idle-timeout nan` / `--upgrade-interval nan` pass the `<= 0` "
-    "check (NaN compares false) and the relay starts; then asyncio.timeout(nan) fires at once "
-    "on the standard loop (a relayed session is cut as idle before any byte moves) and raises "
-    "ValueError on uvloop (a traceback, the session cut)",
-)
 @pytest.mark.parametrize("option", ["--idle-timeout", "--upgrade-interval"])
 def test_a_nan_relay_limit_is_refused(procs: Procs, option: str) -> None:
     port = free_ports(1)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -474,8 +475,9 @@ def relay_command(
 
     def work() -> Coroutine[Any, Any, None]:
         host, port = _host_port(listen, "--listen", "0.0.0.0")
-        if max_sessions < 1 or idle_timeout <= 0 or upgrade_interval <= 0 or max_session_bytes < 0:
-            raise UsageError("relay limits must be positive numbers")
+        times = (idle_timeout, upgrade_interval)
+        if max_sessions < 1 or max_session_bytes < 0 or not all(0 < t < math.inf for t in times):
+            raise UsageError("relay limits must be positive numbers")  # NaN fails `0 < t` too
         limits = RelayLimits(
             max_sessions=max_sessions,
             idle_timeout=idle_timeout,

@@ -46,6 +46,7 @@ PING_TIMEOUT = 2.0  # a paired peer that does not answer the relay's ping is tim
 DIRECT_REPORT_WAIT = 25.0  # after punch: direct attempts (5 s) + a handshake (10 s) + slack
 PIPE_SIZE = 1 << 20  # bytes a splice pipe holds (F_SETPIPE_SZ)
 CHUNK = 1 << 20  # bytes asked of one splice() call
+MAX_CLOSED_NAMEPLATES = 100_000  # remembered failed attempts (~10 MB at most)
 ACCEPT_PAUSE = 0.1  # after accept() failed for want of descriptors or memory
 _ACCEPT_LATER = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 
@@ -92,7 +93,7 @@ class RelayServer:
     def __init__(self, limits: RelayLimits | None = None) -> None:
         self.limits = limits or RelayLimits()
         self._names: dict[str, _Rendezvous] = {}
-        self._closed_nameplates: dict[str, tuple[float, str]] = {}  # name -> (until, why)
+        self._closed_nameplates: dict[str, float] = {}  # name -> closed until (loop time)
         self._slots: dict[str, _SpliceSlot] = {}
         self._pending = 0
         self._waiting = 0
@@ -218,12 +219,11 @@ class RelayServer:
             sock.close()
 
     def _nameplate_free(self, nameplate: str) -> bool:
-        if not nameplate.isdigit() or len(nameplate) > 6 or nameplate != str(int(nameplate)):
+        if not rv.valid_name(rv.name_for_nameplate(nameplate)) or nameplate != str(int(nameplate)):
             return False
         name = rv.name_for_nameplate(nameplate)
-        closed = self._closed_nameplates.get(name)
-        now = asyncio.get_running_loop().time()
-        return name not in self._names and not (closed and closed[0] > now)
+        closed = self._closed_nameplates.get(name, 0.0)
+        return name not in self._names and closed <= asyncio.get_running_loop().time()
 
     def _free_nameplate(self) -> str:
         for digits in (1, 2, 3, 4, 5, 6):
@@ -295,9 +295,12 @@ class RelayServer:
         if self._waiting >= self.limits.max_waiting:
             return "the relay is full: too many peers waiting"
         now = asyncio.get_running_loop().time()
-        closed = self._closed_nameplates.get(name)
-        if closed is not None and closed[0] > now:
-            return closed[1]
+        if self._closed_nameplates.get(name, 0.0) > now:
+            return (
+                f"nameplate {name[3:]} was used by a pairing attempt that failed "
+                "authentication (a wrong code was tried: someone guessing, or a typo); pick "
+                "a new code on both sides"
+            )
         meeting = self._names.get(name)
         if meeting is not None and (meeting.done or len(meeting.members) >= 2):
             what = "nameplate " + name[3:] if name.startswith("np-") else "this rendezvous"
@@ -395,13 +398,15 @@ class RelayServer:
         """A code's nameplate whose attempt failed authentication serves no other attempt
         for a while: the real peer who comes later is told, not paired with a guesser."""
         if meeting.name.startswith("np-"):
-            until = asyncio.get_running_loop().time() + self.limits.nameplate_hold
-            self._closed_nameplates[meeting.name] = (
-                until,
-                f"nameplate {meeting.name[3:]} was used by a pairing attempt that failed "
-                "authentication (a wrong code was tried: someone guessing, or a typo); pick "
-                "a new code on both sides",
-            )
+            now = asyncio.get_running_loop().time()
+            closed = self._closed_nameplates
+            if len(closed) >= MAX_CLOSED_NAMEPLATES:  # forget the expired ones, then the oldest
+                for name in [n for n, until in closed.items() if until <= now]:
+                    del closed[name]
+                while len(closed) >= MAX_CLOSED_NAMEPLATES:
+                    del closed[next(iter(closed))]
+            closed.pop(meeting.name, None)  # insertion order = closing order
+            closed[meeting.name] = now + self.limits.nameplate_hold
 
     async def _linger(
         self, a: _Member, b: _Member, meeting: _Rendezvous, slot: _SpliceSlot | None
@@ -503,7 +508,13 @@ async def join(a: socket.socket, b: socket.socket, limits: RelayLimits) -> int:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     budget = _Budget(limits.max_session_bytes or None)
-    pumps = [_Pump(loop, a, b, budget), _Pump(loop, b, a, budget)]
+    first = _Pump(loop, a, b, budget)
+    try:
+        second = _Pump(loop, b, a, budget)
+    except OSError:  # no descriptors left for the second pipe
+        first.stop()
+        raise
+    pumps = [first, second]
     ended = 0
 
     def finished(pump: _Pump, error: BaseException | None) -> None:

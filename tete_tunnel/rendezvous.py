@@ -28,7 +28,7 @@ VERSION = 1
 DEFAULT_RELAY_PORT = 54320
 MAX_MESSAGE = 2048  # a join with a dozen local addresses is ~500 bytes
 _LEN = struct.Struct("!H")
-_NAMEPLATE = re.compile(r"^(\d{1,6})-(.+)$")
+_NAMEPLATE = re.compile(r"^([0-9]{1,6})-(.+)$")  # ASCII digits: \d takes any script's
 MAX_LOCAL_ADDRESSES = 16
 
 
@@ -174,7 +174,7 @@ def name_for_nameplate(nameplate: str) -> str:
 
 def valid_name(name: object) -> bool:
     return isinstance(name, str) and (
-        bool(re.fullmatch(r"id-[0-9a-f]{40}", name)) or bool(re.fullmatch(r"np-\d{1,6}", name))
+        bool(re.fullmatch(r"id-[0-9a-f]{40}", name)) or bool(re.fullmatch(r"np-[0-9]{1,6}", name))
     )
 
 

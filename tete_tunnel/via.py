@@ -47,7 +47,7 @@ from tete_tunnel.secure import (
     SecureLink,
     secure,
 )
-from tete_tunnel.session import Keepalive
+from tete_tunnel.session import Keepalive, linger_zero
 from tete_tunnel.words import generate_code
 
 log = logging.getLogger("tete_tunnel")
@@ -115,6 +115,9 @@ class Control:
         return message
 
     def close(self) -> None:
+        """With RST: a TIME_WAIT on (our punch port, the relay) would keep the next control
+        connection from that port to the same relay from being made (EADDRNOTAVAIL)."""
+        linger_zero(self.sock)
         self.sock.close()
 
 
