@@ -1389,6 +1389,45 @@ def test_a_pair_holds_its_name_and_a_failed_attempt_closes_the_nameplate(procs: 
     assert_clean(relay.proc.err)
 
 
+@pytest.mark.parametrize("leaver", ["first", "second"])
+def test_a_pair_is_over_when_one_leaves(procs: Procs, leaver: str) -> None:
+    """A member that leaves mid-rendezvous (killed, restarted) ends the pair at once: the
+    other is told to meet again ("retry") and its control connection is ended, and the name
+    is free, so the one that left can join again; a third joiner of a paired pinned name is
+    told about a second copy of the command, not to pick a new code."""
+    relay = start_relay(procs)
+    port = relay.port
+
+    async def scenario() -> float:
+        name = rv.name_for_ids(b"c" * 32, b"d" * 32)
+        pair = await meet(port, name)
+        third = await Raw.open(port)
+        await third.send({"op": "join", "name": name, "local": []})
+        answer = await third.recv()
+        assert answer["op"] == "error" and "another copy" in answer["reason"], answer
+        assert "code" not in answer["reason"], answer
+        await third.aclose()
+        gone, stays = (pair.a, pair.b) if leaver == "first" else (pair.b, pair.a)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await gone.aclose()
+        told = await stays.recv(within=5)
+        took = loop.time() - started
+        assert told == {"op": "retry", "reason": "the peer left the relay"}, told
+        assert (await stays.read_all(5))[1] != "open"
+        await stays.aclose()
+        back = await Raw.open(port)
+        await back.send({"op": "join", "name": name, "local": []})
+        assert (await back.recv())["op"] == "observed"
+        await back.aclose()
+        return took
+
+    took = run(scenario())
+    report(leaver=leaver, told_after_s=round(took, 3))
+    assert took < 2.0  # not after the 25 s wait for the members' reports
+    assert_clean(relay.proc.err)
+
+
 # -- abuse ----------------------------------------------------------------------------------
 
 JUNK_KINDS = [

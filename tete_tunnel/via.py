@@ -106,6 +106,8 @@ class Control:
                 continue
             if message["op"] == "error":
                 raise rv.RendezvousError(f"the relay {self.relay}: {message.get('reason')}")
+            if message["op"] == "retry":  # the pair is over (the peer left): meet again
+                raise _Retry(f"the relay {self.relay}: {message.get('reason')}")
             return message
 
     async def expect(self, op: str) -> dict[str, Any]:
@@ -374,9 +376,14 @@ class RelayConnector:
             with contextlib.suppress(OSError):
                 await control.send({"op": "result", "direct": False, "auth_failed": True})
             raise
-        await control.send({"op": "result", "direct": link is not None})
-        async with asyncio.timeout(30.0):
-            verdict = await control.recv()
+        try:
+            await control.send({"op": "result", "direct": link is not None})
+            async with asyncio.timeout(30.0):
+                verdict = await control.recv()
+        except BaseException:
+            if link is not None:
+                _close(link)
+            raise
         if verdict["op"] == "direct" and link is not None:
             self.path = "direct"
             return replace(link, path="direct")
@@ -459,7 +466,7 @@ class RelayConnector:
         while True:
             try:
                 message = await control.recv()
-            except (ConnectionError, OSError, rv.RendezvousError):
+            except (ConnectionError, OSError, rv.RendezvousError, _Retry):
                 await asyncio.Future()  # the relay is gone: stay relayed
             if message["op"] != "punch":
                 continue
