@@ -408,6 +408,85 @@ def test_relayed_forward_upgrades_to_direct(procs: Procs, tmp_path: Path) -> Non
     assert before <= stats["bytes"] < before + 3 * len(small) // 2, stats
 
 
+def test_an_upgraded_forward_falls_back_to_the_relay(procs: Procs, tmp_path: Path) -> None:
+    """After the upgrade, the direct path dies (both NATs turn symmetric again and forget
+    the direct connection's mapping, so its packets come from ports the other NAT drops):
+    keepalive declares the link dead, forward reconnects through the relay (as pinned IDs
+    now: a direct attempt, then relayed), and -L works again, with no restart."""
+    small = os.urandom(2 * MiB)
+    (tmp_path / "small").write_bytes(small)
+    code = new_code()
+    with NatLab("drop") as lab:
+        lab.set_nat("natA", random_fully=True)
+        lab.set_nat("natB", random_fully=True)
+        relay = start_relay(
+            lab, procs, "--listen", f"{lab.wan_ip}:{RELAY_PORT}", "--upgrade-interval", "4"
+        )
+        via = f"{lab.wan_ip}:{RELAY_PORT}"
+        srv = procs.start(
+            ["http", "0", str(tmp_path / "small")],
+            command=SERVERS,
+            prefix=in_ns(lab, "bob"),
+            name="srv",
+        )
+        port = int(wait_for_text(srv.out_path, "ready", 15).split()[1])
+        fwd = ["forward", "--via", via, "--code", code]
+        fwd += ["--keepalive-interval", "1", "--keepalive-timeout", "4"]
+        a = peer(
+            lab,
+            procs,
+            tmp_path,
+            "alice",
+            [*fwd, "--lport", str(PORT_A), "-L", f"8080:127.0.0.1:{port}"],
+        )
+        b = peer(lab, procs, tmp_path, "bob", [*fwd, "--lport", str(PORT_B)])
+        relayed = f"Connected to peer! (relayed via {via})"
+        wait_for_text(a.err_path, relayed, 30)
+        wait_for_text(b.err_path, relayed, 30)
+        wait_for_text(a.out_path, "Forwarding 127.0.0.1:8080", 15)
+
+        def fetch(name: str) -> list[str]:
+            p = procs.start(
+                ["fetch", "http://127.0.0.1:8080/small", "1"],
+                command=SERVERS,
+                prefix=in_ns(lab, "alice"),
+                name=name,
+            )
+            assert p.wait(60) == 0, p.err
+            return p.out.decode().split()
+
+        for nat in ("natA", "natB"):
+            lab.set_nat(nat, random_fully=False)
+        lab.forget_flows("natA", lab.bob_public)
+        lab.forget_flows("natB", lab.alice_public)
+        wait_for_text(a.err_path, "Upgraded to a direct connection", 25)
+        assert fetch("fetch-direct") == [sha(small)]
+
+        for nat in ("natA", "natB"):
+            lab.set_nat(nat, random_fully=True)
+        lab.forget_flows("natA", lab.bob_public)  # the direct link's mapping, too
+        lab.forget_flows("natB", lab.alice_public)
+        started = time.monotonic()
+        poll("a second relayed link", lambda: a.err.count(relayed) >= 2, 40)
+        poll("a second relayed link", lambda: b.err.count(relayed) >= 2, 10)
+        fell_back = time.monotonic() - started
+        assert fetch("fetch-relayed-again") == [sha(small)]
+        for p in (a, b):
+            p.signal(signal.SIGINT)
+        for p in (a, b):
+            assert p.wait(15) == 0, p.err
+        stats = stop_relay(relay)
+        srv.signal(signal.SIGTERM)
+        srv.wait(10)
+    print(f"\nfell back to the relay {fell_back:.1f} s after the direct path died")
+    for p in (a, b):
+        err = p.err
+        assert "Reconnecting (connection to peer lost" in err, err
+        assert err.index("Upgraded to a direct connection") < err.index("Reconnecting"), err
+        assert err.count(relayed) == 2 and "Traceback" not in err, err
+    assert stats["relayed"] == 2, stats
+
+
 def poll(what: str, check: Callable[[], bool], timeout: float) -> None:
     """Wait for ``check()``; a RuntimeError (not an AssertionError) if it never holds, for
     a test setup that did not come about."""
