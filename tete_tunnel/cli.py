@@ -338,6 +338,18 @@ def forward_command(
             rich_help_panel="Forwards",
         ),
     ] = None,
+    dynamic: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-D",
+            "--dynamic",
+            metavar="[BIND:]PORT",
+            help="A SOCKS5 (and 4a) proxy here on BIND:PORT (default bind 127.0.0.1); each "
+            "connection goes to the host:port its client asks for, as seen from the peer "
+            "(the peer resolves names and checks its access policy). Repeatable.",
+            rich_help_panel="Forwards",
+        ),
+    ] = None,
     allow_open: Annotated[
         list[str] | None,
         typer.Option(
@@ -396,13 +408,13 @@ def forward_command(
     keepalive_timeout: KeepaliveTimeout = None,
     verbose: Verbose = 0,
 ) -> None:
-    """Forward TCP ports ssh-style: -L here to there, -R there to here.
+    """Forward TCP ports ssh-style: -L here to there, -R there to here, -D a SOCKS proxy.
 
-    With no -L or -R, only serves the peer's requests (within the access policy). Stays up
+    With no -L, -R or -D, only serves the peer's requests (within the access policy). Stays up
     when the link is lost: -L ports stay open and the link is made again (the same peer ID
     is required); Ctrl-C on either side ends both.
     """
-    from tete_tunnel.forward import Forwarder, parse_spec
+    from tete_tunnel.forward import Forwarder, parse_dynamic, parse_spec
     from tete_tunnel.policy import Policy, parse_pattern
 
     def work() -> Coroutine[Any, Any, None]:
@@ -411,6 +423,7 @@ def forward_command(
         forwarder = Forwarder(
             local=[parse_spec(t, "-L") for t in local or []],
             remote=[parse_spec(t, "-R") for t in remote or []],
+            dynamic=[parse_dynamic(t, "-D") for t in dynamic or []],
             policy=Policy(
                 allow_open=tuple(parse_pattern(t, "--allow-open") for t in allow_open or []),
                 allow_listen=tuple(parse_pattern(t, "--allow-listen") for t in allow_listen or []),

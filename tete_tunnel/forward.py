@@ -3,7 +3,9 @@
 -L listens here and, for each connection, opens a stream asking the peer to CONNECT to its
 target. -R asks the peer, on a control stream that lives as long as the listener, to LISTEN;
 each connection there comes back to us as a FORWARDED stream and we connect to our target.
-The peer's requests are checked against our access policy on every open.
+The peer's requests are checked against our access policy on every open. -D is -L whose
+target each client names in SOCKS (`socks.py`): the peer resolves it and checks it against
+its policy like any CONNECT, and its refusal comes back as the SOCKS reply code.
 
 Our -L listeners live above any one session: they are bound before the first link (a taken
 port fails at once) and stay open while the link is down and being made again. A connection
@@ -18,9 +20,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tete_tunnel import preamble
+from tete_tunnel import preamble, socks
 from tete_tunnel.errors import Closed, LinkBroken, TeteError, UsageError
 from tete_tunnel.log import Throttled
 from tete_tunnel.net import Address, endpoint, listen_on, resolve
@@ -28,6 +31,7 @@ from tete_tunnel.policy import Policy
 from tete_tunnel.secure import SecureLink
 from tete_tunnel.session import Session, Stream
 from tete_tunnel.splice import (
+    TCP_HIGH_WATER,
     ConnectFailed,
     OpenFailed,
     Refused,
@@ -40,6 +44,8 @@ from tete_tunnel.supervisor import Ending
 log = logging.getLogger("tete_tunnel")
 
 SPEC_SYNTAX = "[bind_address:]port:host:hostport (IPv6 addresses in brackets)"
+DYNAMIC_SYNTAX = "[bind_address:]port (IPv6 addresses in brackets)"
+SOCKS_TIMEOUT = 10.0  # a SOCKS client's greeting and request must arrive within this
 PREAMBLE_TIMEOUT = 10.0  # a peer's open request must arrive within this
 CONNECT_TIMEOUT = 10.0  # connecting to a target
 LISTEN_BACKLOG = 512  # bursts of connections wait in the kernel, not in memory
@@ -57,6 +63,15 @@ class ForwardSpec:
     bind_port: int
     host: str
     port: int
+    text: str
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    """-D: a SOCKS listener; each client names its own target at the peer."""
+
+    bind_host: str
+    bind_port: int
     text: str
 
 
@@ -108,6 +123,20 @@ def parse_spec(text: str, option: str) -> ForwardSpec:
         raise UsageError(f"bad {option} {text!r} ({exc}): expected {SPEC_SYNTAX}") from None
 
 
+def parse_dynamic(text: str, option: str = "-D") -> DynamicSpec:
+    """Parse OpenSSH's -D `[bind_address:]port`; bind defaults to 127.0.0.1."""
+    try:
+        fields = _split_fields(text)
+        if len(fields) == 1:
+            fields.insert(0, "127.0.0.1")
+        if len(fields) != 2:
+            raise ValueError("wrong number of fields")
+        bind = "0.0.0.0" if fields[0] in ("", "*") else fields[0]
+        return DynamicSpec(bind, _port(fields[1], allow_zero=True), text)
+    except ValueError as exc:
+        raise UsageError(f"bad {option} {text!r} ({exc}): expected {DYNAMIC_SYNTAX}") from None
+
+
 async def bind_listener(host: str, port: int) -> socket.socket:
     """A listening socket on the first address `host` resolves to."""
     addresses = await resolve(host, port, passive=True)
@@ -125,8 +154,125 @@ class _Reject(asyncio.Protocol):
         transport.abort()
 
 
+class SocksSplice(Splice):
+    """A Splice whose client first names its target in SOCKS.
+
+    Reading stays on until the request is complete (at most `timeout` seconds), then
+    `on_made` opens a stream to that target. The peer's answer becomes the SOCKS reply: the
+    success reply before the peer's data, or the code for its refusal, after which the
+    client is closed (not reset, so it reads the reply) and the stream reset.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_made: Callable[[Splice], None],
+        on_end: Callable[[Splice, BaseException | None], None],
+        timeout: float = SOCKS_TIMEOUT,
+    ) -> None:
+        super().__init__(on_made=on_made, on_end=on_end, answer_pending=True)
+        self.handshake = socks.Handshake()
+        self.request: preamble.Connect | None = None
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._replying = False  # the request is in and not answered: failures are told
+
+    @property
+    def client(self) -> str:
+        who = super().client
+        if self.request is None:
+            return who
+        return f"{who} (to {endpoint(self.request.host, self.request.port)})"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._timeout, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        self.fail(socks.SocksError(f"no SOCKS request within {self._timeout:g} s"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.request is not None:
+            super().data_received(data)
+            return
+        if self.ended or self.transport is None:
+            return
+        try:
+            self.handshake.receive_data(data)
+        except socks.SocksError as exc:
+            self._close_with(exc.reply, exc)
+            return
+        if out := self.handshake.data_to_send():
+            self.transport.write(out)
+        target = self.handshake.target
+        if target is None:
+            return
+        self._cancel_timer()
+        self.request = preamble.Connect(target.host, target.port)
+        self._replying = True
+        self.transport.pause_reading()  # until start() gives us a stream
+        self.reading_paused = True
+        if self.handshake.rest:
+            self._early.append(self.handshake.rest)
+        try:
+            self._on_made(self)
+        except Exception as exc:
+            self.fail(OpenFailed(str(exc) or "no stream for the connection"))
+
+    def eof_received(self) -> bool:
+        if self.request is None:
+            self.fail(socks.SocksError("the client closed before its SOCKS request"))
+            return False
+        return super().eof_received()
+
+    def accepted(self) -> None:
+        self._replying = False
+        assert self.transport is not None
+        self.transport.write(self.handshake.success())
+
+    def fail(self, error: BaseException) -> None:
+        if self._replying and not self.ended:
+            if isinstance(error, Refused):
+                code = socks.reply_for_refusal(str(error))
+            else:
+                code = socks.Reply.GENERAL_FAILURE
+            self._close_with(self.handshake.failure(code), error)
+        else:
+            super().fail(error)
+
+    def _close_with(self, reply: bytes, error: BaseException) -> None:
+        """Send the client `reply` (if any) and close it; reset the stream; report once."""
+        self._replying = False
+        self._cancel_timer()
+        transport = self.transport
+        if self.ended or not reply or transport is None or transport.is_closing():
+            super().fail(error)
+            return
+        self.ended = True
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.on_drained = None
+            stream.reset()
+        transport.write(reply)
+        transport.close()
+        self.on_end(self, error)
+
+    def abort(self) -> None:
+        self._cancel_timer()
+        super().abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class Relay:
-    """A listening socket whose connections go to the peer on streams opened with `request`.
+    """A listening socket whose connections go to the peer on streams opened with `request`
+    (None: a SOCKS listener, each client's request says what to open).
 
     The relay outlives sessions: `attach` gives it the session to open streams on, `detach`
     takes it away; connections made in between wait (paused) until the next attach or until
@@ -137,7 +283,7 @@ class Relay:
     def __init__(
         self,
         sock: socket.socket,
-        request: preamble.Request,
+        request: preamble.Request | None,
         label: str,
         *,
         max_connections: int,
@@ -145,7 +291,7 @@ class Relay:
     ) -> None:
         self.sock = sock
         self.label = label
-        self._opening = preamble.encode(request)
+        self._opening = preamble.encode(request) if request is not None else None
         self._max = max_connections
         self._wait = wait
         self._session: Session | None = None
@@ -209,7 +355,11 @@ class Relay:
         if len(self._conns) >= self._max:
             self._drop(f"{self._max} connections at once already (--max-connections)")
             return _Reject()
-        conn = Splice(on_made=self._made, on_end=self._ended, answer_pending=True)
+        conn: Splice
+        if self._opening is None:
+            conn = SocksSplice(on_made=self._made, on_end=self._ended)
+        else:
+            conn = Splice(on_made=self._made, on_end=self._ended, answer_pending=True)
         self._conns.add(conn)
         self._idle.clear()
         return conn
@@ -229,8 +379,13 @@ class Relay:
 
     def _open(self, conn: Splice, session: Session) -> None:
         try:
+            if self._opening is not None:
+                opening = self._opening
+            else:
+                assert isinstance(conn, SocksSplice) and conn.request is not None
+                opening = preamble.encode(conn.request)
             stream = session.open_stream()
-            stream.write(self._opening)  # data may follow at once: no round trip
+            stream.write(opening)  # data may follow at once: no round trip
         except TeteError as exc:
             conn.fail(OpenFailed(str(exc) or "the session has ended"))
             return
@@ -250,6 +405,15 @@ class Relay:
                 "refused",
                 asyncio.get_running_loop().time(),
                 "%s: the peer refused the connection from %s: %s",
+                self.label,
+                conn.client,
+                error,
+            )
+        elif isinstance(error, socks.SocksError):
+            self._throttled.warning(
+                "socks",
+                asyncio.get_running_loop().time(),
+                "%s: closed the SOCKS client %s: %s",
                 self.label,
                 conn.client,
                 error,
@@ -276,11 +440,12 @@ class Forwarder:
     local: list[ForwardSpec]
     remote: list[ForwardSpec]
     policy: Policy
+    dynamic: list[DynamicSpec] = field(default_factory=list)  # our -D SOCKS listeners
     keep_going: bool = False
     reconnect: bool = True
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    relays: list[Relay] = field(default_factory=list)  # our -L listeners
-    _bound_specs: list[ForwardSpec] = field(default_factory=list)  # theirs, in order
+    relays: list[Relay] = field(default_factory=list)  # our -L and -D listeners
+    _bound_specs: list[ForwardSpec | DynamicSpec] = field(default_factory=list)  # in order
     _remotes: list[_Remote] = field(default_factory=list)
     # Our -R forwards by (session, control stream id): the id a FORWARDED names.
     _remote_by_stream: dict[tuple[int, int], ForwardSpec] = field(default_factory=dict)
@@ -290,24 +455,25 @@ class Forwarder:
     _throttled: Throttled = field(default_factory=Throttled)
 
     async def prepare(self) -> None:
-        """Bind the -L listeners before any link, so a taken port fails at once."""
+        """Bind the -L and -D listeners before any link, so a taken port fails at once."""
         self._interrupted = asyncio.Event()
         self._remotes = [_Remote(spec) for spec in self.remote]
         try:
-            for spec in self.local:
+            for spec in [*self.local, *self.dynamic]:
+                option = "-L" if isinstance(spec, ForwardSpec) else "-D"
                 try:
                     sock = await bind_listener(spec.bind_host, spec.bind_port)
                 except TeteError as exc:
                     if not self.keep_going:
                         raise
-                    log.warning("error: -L %s: %s (going on without it)", spec.text, exc)
+                    log.warning("error: %s %s: %s (going on without it)", option, spec.text, exc)
                     continue
-                relay = Relay(
-                    sock,
-                    preamble.Connect(spec.host, spec.port),
-                    spec.text,
-                    max_connections=self.max_connections,
-                )
+                if isinstance(spec, ForwardSpec):
+                    request: preamble.Request | None = preamble.Connect(spec.host, spec.port)
+                    label = spec.text
+                else:
+                    request, label = None, f"-D {spec.text}"
+                relay = Relay(sock, request, label, max_connections=self.max_connections)
                 self.relays.append(relay)
                 self._bound_specs.append(spec)
                 await relay.start()
@@ -336,9 +502,11 @@ class Forwarder:
             for control in controls:
                 control.close()
         for spec, relay in zip(self._bound_specs, self.relays, strict=True):
-            if first:
+            if first and isinstance(spec, ForwardSpec):
                 target = endpoint(spec.host, spec.port)
                 print(f"Forwarding {relay.bound} -> peer {target}", flush=True)
+            elif first:
+                print(f"Forwarding {relay.bound} -> peer (SOCKS: any target it allows)", flush=True)
             relay.attach(session)
         streams: set[asyncio.Task[None]] = set()  # one per stream the peer opened
         waiting: set[asyncio.Future] = {

@@ -209,7 +209,11 @@ class Splice(asyncio.Protocol):
         if not isinstance(answer, preamble.Accept):
             self.fail(preamble.PreambleError(f"unexpected answer {answer!r}"))
             return b""
+        self.accepted()
         return rest
+
+    def accepted(self) -> None:
+        """The peer answered ACCEPT; its data follows (a SOCKS client's reply goes first)."""
 
     def stream_eof(self) -> None:
         if self.ended:
