@@ -1,6 +1,6 @@
 """Tiny servers and clients for the forward tests, run as processes (also in namespaces).
 
-    python -m tests.servers http PORT FILE      serve FILE's bytes at every path
+    python -m tests.servers http PORT FILE [HOST]  serve FILE's bytes at every path
     python -m tests.servers echo PORT [HOST]    echo every byte, half-close after EOF
     python -m tests.servers linecount PORT      read to EOF, then answer "<lines>\\n"
     python -m tests.servers fetch URL N         N concurrent GETs; print each body's sha256
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.server
+import socket
 import struct
 import sys
 import threading
@@ -25,7 +26,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 
-def serve_http(port: int, path: str) -> None:
+def serve_http(port: int, path: str, host: str = "127.0.0.1") -> None:
     body = open(path, "rb").read()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -40,8 +41,11 @@ def serve_http(port: int, path: str) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    http.server.ThreadingHTTPServer.request_queue_size = 512
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 512
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, port), Handler)
     print("ready", server.server_address[1], flush=True)
     server.serve_forever()
 
@@ -229,7 +233,7 @@ def fetch(url: str, n: int) -> None:
 def main() -> None:
     kind = sys.argv[1]
     if kind == "http":
-        serve_http(int(sys.argv[2]), sys.argv[3])
+        serve_http(int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])
     elif kind in ("echo", "linecount"):
         asyncio.run(serve_stream(int(sys.argv[2]), kind, *sys.argv[3:4]))
     elif kind == "banner":
