@@ -411,7 +411,7 @@ def forward_command(
     """Forward TCP ports ssh-style: -L here to there, -R there to here, -D a SOCKS proxy.
 
     With no -L, -R or -D, only serves the peer's requests (within the access policy). Stays up
-    when the link is lost: -L ports stay open and the link is made again (the same peer ID
+    when the link is lost: -L and -D ports stay open and the link is made again (the same peer ID
     is required); Ctrl-C on either side ends both.
     """
     from tete_tunnel.forward import Forwarder, parse_dynamic, parse_spec
