@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import SERVERS, Proc, Procs, free_ports, skip_without_ipv6, wait_for_text
-from tests.test_forward import run_tool, start_pair, start_server, stop
+from tests.test_forward import forwarded_port, run_tool, start_pair, start_server, stop
 from tete_tunnel import socks
 from tete_tunnel.net import endpoint
 from tete_tunnel.policy import Policy
@@ -189,12 +190,26 @@ def blob(tmp_path: Path) -> bytes:
 
 
 @pytest.mark.usefixtures("either_loop")
-def test_curl_through_D_by_name_and_by_ip_next_to_L(
+def test_curl_through_two_D_by_name_and_by_ip_next_to_L_and_R(
     procs: Procs, tmp_path: Path, blob: bytes
 ) -> None:
     http = start_server(procs, "http", str(tmp_path / "blob"))
-    a, b = start_pair(procs, tmp_path, ["-D", "0", "-L", f"0:127.0.0.1:{http}", "-D", "0"], [])
+    a, b = start_pair(
+        procs,
+        tmp_path,
+        ["-D", "0", "-L", f"0:127.0.0.1:{http}", "-D", "0", "-R", f"0:127.0.0.1:{http}"],
+        ["-D", "0"],
+    )
     first, second = socks_ports(a, 2)
+    (theirs,) = socks_ports(b, 1)
+    l_port = forwarded_port(a, r"Forwarding 127\.0\.0\.1:(\d+) -> peer 127\.0\.0\.1:")
+    wait_for_text(a.out_path, "Forwarding peer 127.0.0.1:", 15)  # the -R, once the peer listens
+    r_port = forwarded_port(a, r"Forwarding peer 127\.0\.0\.1:(\d+) ->")
+    for url in (f"http://127.0.0.1:{l_port}/blob", f"http://127.0.0.1:{r_port}/blob"):
+        with urllib.request.urlopen(url, timeout=20) as response:
+            assert response.read() == blob
+    result = curl(theirs, f"http://localhost:{http}/blob", "--socks5-hostname")
+    assert (result.returncode, result.stdout == blob) == (0, True), result.stderr
     for port in (first, second):
         for host in ("localhost", "127.0.0.1"):
             result = curl(port, f"http://{host}:{http}/blob", "--socks5-hostname")
