@@ -1,0 +1,436 @@
+"""Named peers (`peers add/list/remove`, `--peer NAME`) between real processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TOOL, Proc, Procs, env_without_config, free_ports, wait_for_text
+from tests.test_forward import forwarded_port, start_server, stop
+
+LOG_LINE = r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} "
+
+
+def run(args: list[str], tmp: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TOOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_without_config(tmp),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def ids(tmp: Path) -> tuple[str, str]:
+    """The IDs of two identities a and b under tmp (created here)."""
+    out = []
+    for side in ("a", "b"):
+        result = run(["id", "--identity", str(tmp / side)], tmp)
+        assert result.returncode == 0, result.stderr
+        out.append(result.stdout.strip())
+    return out[0], out[1]
+
+
+def add(tmp: Path, config: Path, *args: str) -> None:
+    result = run(["peers", "add", *args, "--config-dir", str(config)], tmp)
+    assert result.returncode == 0, result.stderr
+    assert "saved peer" in result.stderr
+
+
+def echo_through(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    return received
+
+
+def test_add_list_remove_round_trip(tmp_path: Path) -> None:
+    id_a, id_b = ids(tmp_path)
+    config = tmp_path / "conf"
+    add(tmp_path, config, "alice", id_a.lower().replace("-", ""), "--ip", "alice.example.org")
+    add(
+        tmp_path,
+        config,
+        "bob",
+        id_b,
+        "--via",
+        "relay.example.org:54320",
+        "--lport",
+        "40000",
+        "-L",
+        "2222:127.0.0.1:22",
+        "-R",
+        "8080:127.0.0.1:80",
+    )
+    path = config / "peers.toml"
+    assert tomllib.loads(path.read_text()) == {
+        "peers": {
+            "alice": {"id": id_a, "ip": "alice.example.org"},  # the ID as `id` prints it
+            "bob": {
+                "id": id_b,
+                "via": "relay.example.org:54320",
+                "lport": 40000,
+                "forward": ["-L", "2222:127.0.0.1:22", "-R", "8080:127.0.0.1:80"],
+            },
+        }
+    }
+    assert path.stat().st_mode & 0o777 == 0o600
+    listed = run(["peers", "list", "--config-dir", str(config)], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        f"alice  {id_a}  ip alice.example.org:54312",
+        f"bob  {id_b}  via relay.example.org:54320  lport 40000  "
+        "-L 2222:127.0.0.1:22 -R 8080:127.0.0.1:80",
+    ]
+    again = run(["peers", "add", "alice", id_b, "--config-dir", str(config)], tmp_path)
+    assert again.returncode == 2 and "already in" in again.stderr and "--replace" in again.stderr
+    removed = run(["peers", "remove", "alice", "--config-dir", str(config)], tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert list(tomllib.loads(path.read_text())["peers"]) == ["bob"]
+    listed = run(["peers", "list", "--config-dir", str(config)], tmp_path)
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["bob"]
+    gone = run(["peers", "remove", "alice", "--config-dir", str(config)], tmp_path)
+    assert gone.returncode == 2
+    assert "no peer named 'alice'" in gone.stderr and "known: bob" in gone.stderr
+    # The environment variable chooses the directory as --config-dir does.
+    env = {**env_without_config(tmp_path), "TETE_TUNNEL_CONFIG_DIR": str(config)}
+    by_env = subprocess.run(
+        [*TOOL, "peers", "list"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert by_env.stdout.split()[0] == "bob", by_env.stderr
+
+
+def write_peers(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+GOOD_ID = "A" * 52
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # One character of a real-looking ID changed to one base32 has not: tampered.
+        (f'id = "{"A" * 25}1{"A" * 26}"\nip = "127.0.0.1"', "not a tete-tunnel ID"),
+        (f'id = "{"A" * 51}"\nip = "127.0.0.1"', "not a tete-tunnel ID"),
+        (f'id = "{GOOD_ID}"\nip = "127.0.0.1"\nfrobnicate = 1', "unknown key 'frobnicate'"),
+        (f'id = "{GOOD_ID}"\nip = "127.0.0.1"\nport = 70000', "port = 70000 is not a TCP port"),
+        (f'id = "{GOOD_ID}"\nip = "127.0.0.1"\nforward = ["-L"]', "expected pairs of"),
+        (f'id = "{GOOD_ID}"\nip = "127.0.0.1"\nforward = ["-L", "x"]', "bad -L 'x'"),
+        ('ip = "127.0.0.1"', "no id"),
+        (f'id = "{GOOD_ID}"\nip = "127.0.0.1"\nvia = "relay"', "ip or via, not both"),
+    ],
+)
+def test_a_bad_profile_is_refused_naming_file_and_peer(
+    body: str, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "conf" / "peers.toml"
+    write_peers(path, f"[peers.alice]\n{body}\n")
+    for args in (["pipe", "--peer", "alice"], ["forward", "--peer", "alice"], ["peers", "list"]):
+        result = run([*args, "--config-dir", str(path.parent)], tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert f"{path}: peer 'alice': " in result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stdout == ""
+        assert "punching" not in result.stderr.lower()
+
+
+def test_not_toml_and_a_missing_name_are_clear(tmp_path: Path) -> None:
+    config = tmp_path / "conf"
+    write_peers(config / "peers.toml", "[peers.alice\n")
+    result = run(["pipe", "--peer", "alice", "--config-dir", str(config)], tmp_path)
+    assert result.returncode == 2 and f"{config / 'peers.toml'}: not valid TOML" in result.stderr
+    write_peers(config / "peers.toml", f'[peers.alice]\nid = "{GOOD_ID}"\nip = "127.0.0.1"\n')
+    result = run(["pipe", "--peer", "carol", "--config-dir", str(config)], tmp_path)
+    assert result.returncode == 2
+    assert "no peer named 'carol'" in result.stderr and "(known: alice)" in result.stderr
+    (config / "peers.toml").chmod(0o666)
+    result = run(["pipe", "--peer", "alice", "--config-dir", str(config)], tmp_path)
+    assert result.returncode == 1 and "can be changed by others" in result.stderr
+
+
+def start_forwards(
+    procs: Procs, tmp: Path, extra_a: list[str], extra_b: list[str]
+) -> tuple[Proc, Proc]:
+    a = procs.start(
+        [
+            "forward",
+            "--peer",
+            "b",
+            "--config-dir",
+            str(tmp / "conf-a"),
+            "-v",
+            *extra_a,
+            "--identity",
+            str(tmp / "a"),
+        ],
+        name="fwd-a",
+    )
+    b = procs.start(
+        [
+            "forward",
+            "--peer",
+            "a",
+            "--config-dir",
+            str(tmp / "conf-b"),
+            "-v",
+            *extra_b,
+            "--identity",
+            str(tmp / "b"),
+        ],
+        name="fwd-b",
+    )
+    wait_for_text(a.err_path, "Connected to peer!", 20)
+    wait_for_text(b.err_path, "Connected to peer!", 20)
+    return a, b
+
+
+def assert_pinned(*procs: Proc) -> None:
+    """Linked in --peer-id mode: nothing to verify or pin was said."""
+    for p in procs:
+        assert "not verified" not in p.err, p.err
+        assert "peer ID:" not in p.err, p.err
+
+
+def test_forward_by_name_is_the_whole_command(procs: Procs, tmp_path: Path) -> None:
+    echo = start_server(procs, "echo")
+    id_a, id_b = ids(tmp_path)
+    pa, pb = free_ports(2)
+    # a's profile of b holds a -L; b's profile of a only says who and where.
+    add(tmp_path, tmp_path / "conf-a", "b", id_b, "--ip", "127.0.0.1", "--port", str(pb))
+    add(tmp_path, tmp_path / "conf-b", "a", id_a, "--ip", "127.0.0.1", "--port", str(pa))
+    path_a = tmp_path / "conf-a" / "peers.toml"
+    text = path_a.read_text() + f'lport = {pa}\nforward = ["-L", "0:127.0.0.1:{echo}"]\n'
+    path_a.write_text(text)  # by hand, as docs/PEERS.md shows
+    path_b = tmp_path / "conf-b" / "peers.toml"
+    path_b.write_text(path_b.read_text() + f"lport = {pb}\n")
+    a, b = start_forwards(procs, tmp_path, [], [])
+    port = forwarded_port(a, r"Forwarding 127\.0\.0\.1:(\d+) -> peer 127\.0\.0\.1:" + str(echo))
+    payload = os.urandom(1 << 20)
+    assert echo_through(port, payload) == payload
+    assert_pinned(a, b)
+    stop(a, b)
+
+
+def test_a_wrong_saved_id_is_refused(procs: Procs, tmp_path: Path) -> None:
+    """The saved ID is enforced: a profile naming another ID fails authentication."""
+    id_a, _ = ids(tmp_path)
+    pa, pb = free_ports(2)
+    add(tmp_path, tmp_path / "conf-a", "b", id_a, "--ip", "127.0.0.1", "--port", str(pb))
+    add(tmp_path, tmp_path / "conf-b", "a", id_a, "--ip", "127.0.0.1", "--port", str(pa))
+    a = procs.start(
+        [
+            "pipe",
+            "--peer",
+            "b",
+            "--lport",
+            str(pa),
+            "--timeout",
+            "10",
+            "--config-dir",
+            str(tmp_path / "conf-a"),
+            "--identity",
+            str(tmp_path / "a"),
+        ],
+        stdin=b"A",
+    )
+    b = procs.start(
+        [
+            "pipe",
+            "--peer",
+            "a",
+            "--lport",
+            str(pb),
+            "--timeout",
+            "10",
+            "--config-dir",
+            str(tmp_path / "conf-b"),
+            "--identity",
+            str(tmp_path / "b"),
+        ],
+        stdin=b"B",
+    )
+    assert a.wait(30) == 1
+    assert "peer ID mismatch" in a.err, a.err
+    b.wait(30)
+    assert a.out == b""
+
+
+def test_command_line_wins_over_the_profile(procs: Procs, tmp_path: Path) -> None:
+    echo = start_server(procs, "echo")
+    id_a, id_b = ids(tmp_path)
+    pa, pb, wrong = free_ports(3)
+    # Both profiles name a port nobody punches from, and a's holds a -L to a dead port.
+    add(
+        tmp_path,
+        tmp_path / "conf-a",
+        "b",
+        id_b,
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(wrong),
+        "-L",
+        "0:127.0.0.1:1",
+    )
+    add(tmp_path, tmp_path / "conf-b", "a", id_a, "--ip", "127.0.0.1", "--port", str(wrong))
+    a, b = start_forwards(
+        procs,
+        tmp_path,
+        ["--lport", str(pa), "--rport", str(pb), "-L", f"0:127.0.0.1:{echo}"],
+        ["--lport", str(pb), "--rport", str(pa)],
+    )
+    text = wait_for_text(a.out_path, "Forwarding", 15)
+    assert not re.search(r"peer 127\.0\.0\.1:1$", text, re.M), text  # the saved -L replaced
+    port = forwarded_port(a, r"Forwarding 127\.0\.0\.1:(\d+) -> peer 127\.0\.0\.1:" + str(echo))
+    assert echo_through(port, b"hello\n" * 1000) == b"hello\n" * 1000
+    assert_pinned(a, b)
+    stop(a, b)
+
+
+def test_peer_ip_may_be_a_host_name(procs: Procs, tmp_path: Path) -> None:
+    pa, pb = free_ports(2)
+    a = procs.start(
+        [
+            "pipe",
+            "--peer-ip",
+            "localhost",
+            "--lport",
+            str(pa),
+            "--rport",
+            str(pb),
+            "-v",
+            "--identity",
+            str(tmp_path / "a"),
+        ],
+        stdin=b"from a\n",
+    )
+    b = procs.start(
+        [
+            "pipe",
+            "--peer-ip",
+            "localhost",
+            "--lport",
+            str(pb),
+            "--rport",
+            str(pa),
+            "--identity",
+            str(tmp_path / "b"),
+        ],
+        stdin=b"from b\n",
+    )
+    assert a.wait(30) == 0, a.err
+    assert b.wait(30) == 0, b.err
+    assert (a.out, b.out) == (b"from b\n", b"from a\n")
+    assert "--peer-ip localhost resolves to 127.0.0.1" in a.err
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line(tmp_path: Path) -> None:
+    result = run(["pipe", "--peer-ip", "no-such-host.invalid"], tmp_path)
+    assert result.returncode == 2
+    assert "'no-such-host.invalid', nor a host name that resolves" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_line_printed_after_a_code_pairing_saves_the_peer(procs: Procs, tmp_path: Path) -> None:
+    id_a, id_b = ids(tmp_path)
+    pa, pb = free_ports(2)
+    code = "7-purple-sausages-quietly"
+    a = procs.start(
+        [
+            "pipe",
+            "--peer-ip",
+            "127.0.0.1",
+            "--lport",
+            str(pa),
+            "--rport",
+            str(pb),
+            "--code",
+            code,
+            "--identity",
+            str(tmp_path / "a"),
+        ],
+        stdin=b"1",
+    )
+    b = procs.start(
+        [
+            "pipe",
+            "--peer-ip",
+            "localhost",
+            "--lport",
+            str(pb),
+            "--rport",
+            str(pa),
+            "--code",
+            code,
+            "--identity",
+            str(tmp_path / "b"),
+        ],
+        stdin=b"2",
+    )
+    assert a.wait(30) == 0, a.err
+    assert b.wait(30) == 0, b.err
+    lines = {}
+    for name, p, peer_id in (("a", a, id_b), ("b", b, id_a)):
+        # The existing line stays as it was.
+        assert re.search(
+            LOG_LINE + f"peer ID: {peer_id} \\(pin it next time with --peer-id {peer_id}\\)$",
+            p.err,
+            re.M,
+        ), p.err
+        match = re.search(r"then use --peer NAME: (tete-tunnel peers add .*)$", p.err, re.M)
+        assert match, p.err
+        lines[name] = match.group(1)
+    assert (
+        lines["a"] == f"tete-tunnel peers add NAME {id_b} --ip 127.0.0.1 --port {pb} --lport {pa}"
+    )
+    assert (
+        lines["b"] == f"tete-tunnel peers add NAME {id_a} --ip localhost --port {pa} --lport {pb}"
+    )
+    # Run each line as printed (NAME filled in), then link by name alone.
+    for name, other in (("a", "b"), ("b", "a")):
+        argv = shlex.split(lines[name].replace("NAME", other))
+        assert argv[:3] == ["tete-tunnel", "peers", "add"]
+        add(tmp_path, tmp_path / f"conf-{name}", *argv[3:])
+    a2 = procs.start(
+        [
+            "pipe",
+            "--peer",
+            "b",
+            "--config-dir",
+            str(tmp_path / "conf-a"),
+            "--identity",
+            str(tmp_path / "a"),
+        ],
+        stdin=b"again from a",
+    )
+    b2 = procs.start(
+        [
+            "pipe",
+            "--peer",
+            "a",
+            "--config-dir",
+            str(tmp_path / "conf-b"),
+            "--identity",
+            str(tmp_path / "b"),
+        ],
+        stdin=b"again from b",
+    )
+    assert a2.wait(30) == 0, a2.err
+    assert b2.wait(30) == 0, b2.err
+    assert (a2.out, b2.out) == (b"again from b", b"again from a")
+    assert_pinned(a2, b2)
