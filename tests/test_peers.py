@@ -434,3 +434,35 @@ def test_the_line_printed_after_a_code_pairing_saves_the_peer(procs: Procs, tmp_
     assert b2.wait(30) == 0, b2.err
     assert (a2.out, b2.out) == (b"again from b", b"again from a")
     assert_pinned(a2, b2)
+
+
+def test_whoami_asks_the_saved_relay(procs: Procs, tmp_path: Path) -> None:
+    from tests.test_relay import start_relay
+
+    relay = start_relay(procs)
+    id_a, _ = ids(tmp_path)
+    (port,) = free_ports(1)
+    config = tmp_path / "conf"
+    add(tmp_path, config, "r", id_a, "--via", relay.address, "--lport", str(port))
+    add(tmp_path, config, "direct", id_a, "--ip", "127.0.0.1")
+    who = procs.start(["whoami", "--peer", "r", "--config-dir", str(config)], name="who")
+    assert who.wait(15) == 0, who.err
+    assert who.out.decode().splitlines()[-1] == f"127.0.0.1:{port}"
+    result = run(["whoami", "--peer", "direct", "--config-dir", str(config)], tmp_path)
+    assert result.returncode == 2 and "has no via saved" in result.stderr
+
+
+def test_a_host_name_is_looked_up_again_before_a_reconnect() -> None:
+    """A dynamic-DNS peer that moved is punched at its new address on the next link."""
+    import asyncio
+
+    from tete_tunnel.connector import DirectConnector, LinkConfig
+
+    stale = LinkConfig(peer_ip="127.0.0.2", peer_host="localhost", local_port=1, peer_port=2)
+    connector = DirectConnector(stale, identity=None)  # type: ignore[arg-type]
+    asyncio.run(connector._resolve_again())
+    assert connector.config.peer_ip == "127.0.0.1"
+    gone = LinkConfig(peer_ip="127.0.0.2", peer_host="no-such-host.invalid", peer_port=2)
+    connector = DirectConnector(gone, identity=None)  # type: ignore[arg-type]
+    asyncio.run(connector._resolve_again())  # a failed lookup keeps the last address
+    assert connector.config.peer_ip == "127.0.0.2"
