@@ -467,3 +467,96 @@ def test_a_host_name_is_looked_up_again_before_a_reconnect() -> None:
     connector = DirectConnector(gone, identity=None)  # type: ignore[arg-type]
     asyncio.run(connector._resolve_again())  # a failed lookup keeps the last address
     assert connector.config.peer_ip == "127.0.0.2"
+
+
+def test_ssh_proxycommand_pipe_peer_percent_h(procs: Procs, tmp_path: Path) -> None:
+    """contrib/ssh_config.example's `ProxyCommand tete-tunnel pipe --peer %h` with a real
+    sshd: ssh's %h (the Host, `friend`) names the saved peer; one login, `echo hello`."""
+    import shutil
+    import sys
+
+    from tests.test_pipe_endings import RECORDER, _end_recorded, _until, _wait_listening
+
+    tools = {name: shutil.which(name) for name in ("ssh", "ssh-keygen", "socat")}
+    tools["sshd"] = "/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None
+    missing = sorted(name for name, path in tools.items() if path is None)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install openssh-server socat)")
+    if os.geteuid() != 0:
+        pytest.skip("runs its own sshd and logs in as root: needs root")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for key in ("hostkey", "client"):
+        subprocess.run(
+            [tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-f", str(keys / key)],
+            check=True,
+            timeout=30,
+        )
+    shutil.copy(keys / "client.pub", keys / "authorized_keys")
+    (sshd_port,) = free_ports(1)
+    (tmp_path / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1:{sshd_port}\nHostKey {keys / 'hostkey'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\n"
+        "PidFile none\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PrintMotd no\nPrintLastLog no\nUseDNS no\n"
+    )
+    sshd = procs.start(
+        [], command=[tools["sshd"], "-D", "-e", "-f", str(tmp_path / "sshd_config")], name="sshd"
+    )
+    _wait_listening(sshd_port, sshd, 10)
+
+    # Our identity is "a", the friend's "b"; each side saves the other under a name.
+    id_a, id_b = ids(tmp_path)
+    pa, pb = free_ports(2)
+    ours, theirs = tmp_path / "conf-ours", tmp_path / "conf-friend"
+    add(tmp_path, ours, "friend", id_b, "--ip", "127.0.0.1", "--port", str(pb), "--lport", str(pa))
+    add(tmp_path, theirs, "us", id_a, "--ip", "127.0.0.1", "--port", str(pa), "--lport", str(pb))
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)
+    pids = tmp_path / "recorded.pids"
+    py = sys.executable
+    ours_log, friend_log = tmp_path / "ours", tmp_path / "friend"
+    friend_script = tmp_path / "friend.sh"
+    friend_script.write_text(
+        f"#!/bin/sh\nexec {py} {recorder} {friend_log}.rc {friend_log}.err {pids} "
+        f"{py} -m tete_tunnel pipe --peer us --config-dir {theirs} --identity {tmp_path / 'b'}\n"
+    )
+    friend_script.chmod(0o755)
+    env = env_without_config(tmp_path)
+    try:
+        socat = procs.start(
+            [f"TCP:127.0.0.1:{sshd_port}", f"EXEC:{friend_script}"],
+            command=[tools["socat"]],
+            env=env,
+            name="socat",
+        )
+        proxy = (
+            f"{py} {recorder} {ours_log}.rc {ours_log}.err {pids} {py} -m tete_tunnel "
+            f"pipe --peer %h --config-dir {ours} --identity {tmp_path / 'a'}"
+        )
+        options = (
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+            "BatchMode=yes",
+            "LogLevel=ERROR",
+            f"ProxyCommand={proxy}",
+        )
+        ssh = procs.start(
+            ["-F", "/dev/null", "-i", str(keys / "client")]
+            + [arg for option in options for arg in ("-o", option)]
+            + ["root@friend", "echo hello; exit"],
+            command=[tools["ssh"]],
+            env=env,
+            name="ssh",
+        )
+        assert ssh.wait(60) == 0, ssh.err
+        assert ssh.out == b"hello\n"
+        assert socat.wait(30) == 0, socat.err
+        _until(lambda: Path(f"{ours_log}.rc").exists(), 20, "our pipe's exit")
+        our_err = Path(f"{ours_log}.err").read_text(errors="replace")
+        assert Path(f"{ours_log}.rc").read_text() == "0", our_err
+        assert "Connected to peer!" in our_err and "peer ID:" not in our_err, our_err
+    finally:
+        _end_recorded(pids, str(recorder))
