@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tete_tunnel import __version__, eventloop
+from tete_tunnel import __version__, eventloop, peers
 from tete_tunnel import log as logmod
 from tete_tunnel import rendezvous as rv
 from tete_tunnel.connector import DEFAULT_PORT, DEFAULT_TIMEOUT, DirectConnector, LinkConfig
@@ -26,6 +26,7 @@ from tete_tunnel.forward import DEFAULT_MAX_CONNECTIONS
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.log import log, setup_logging
 from tete_tunnel.malloc import tune_malloc
+from tete_tunnel.net import family_of, resolve_peer_host
 from tete_tunnel.relay import RelayLimits, run_relay
 from tete_tunnel.rendezvous import DEFAULT_RELAY_PORT
 from tete_tunnel.secure import MIN_CODE_BITS, Auth, code_strength
@@ -52,7 +53,8 @@ PeerIp = Annotated[
     typer.Option(
         "--peer-ip",
         "-peerip",
-        help="The peer's public IP address (not needed with --via).",
+        help="The peer's public IP address or host name (dynamic DNS: looked up at start "
+        "and before each reconnect; not needed with --via).",
         rich_help_panel=CONN,
     ),
 ]
@@ -78,12 +80,42 @@ MyIp = Annotated[
     ),
 ]
 LPort = Annotated[
-    int,
-    typer.Option("--lport", "-lport", help="Our local port to punch from.", rich_help_panel=CONN),
+    int | None,
+    typer.Option(
+        "--lport",
+        "-lport",
+        help=f"Our local port to punch from (default {DEFAULT_PORT}).",
+        rich_help_panel=CONN,
+    ),
 ]
 RPort = Annotated[
-    int,
-    typer.Option("--rport", "-rport", help="The peer's public port.", rich_help_panel=CONN),
+    int | None,
+    typer.Option(
+        "--rport",
+        "-rport",
+        help=f"The peer's public port (default {DEFAULT_PORT}).",
+        rich_help_panel=CONN,
+    ),
+]
+PeerName = Annotated[
+    str | None,
+    typer.Option(
+        "--peer",
+        metavar="NAME",
+        help="A peer saved with `tete-tunnel peers add`: its ID, address, and for forward "
+        "its forwards and options. Options given here win (any -L/-R here replace the "
+        "saved forwards).",
+        rich_help_panel=CONN,
+    ),
+]
+ConfigDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--config-dir",
+        help=f"Directory of {peers.PEERS_FILE} (default ${peers.CONFIG_DIR_ENV}, else "
+        "$XDG_CONFIG_HOME/tete-tunnel).",
+        rich_help_panel=AUTH,
+    ),
 ]
 PeerId = Annotated[
     str | None,
@@ -196,8 +228,13 @@ def _link_config(
         via_config.check()
         return via_config
     assert peer_ip is not None
+    host = peer_ip.strip("[]")
+    resolved = resolve_peer_host(host, family_of(my_ip.strip("[]")) if my_ip else None)
+    if resolved != host:
+        log.info("--peer-ip %s resolves to %s", host, resolved)
     config = LinkConfig(
-        peer_ip=peer_ip.strip("[]"),
+        peer_ip=resolved,
+        peer_host=host if resolved != host else None,
         local_port=lport,
         peer_port=rport,
         my_ip=my_ip.strip("[]") if my_ip else None,
@@ -208,6 +245,58 @@ def _link_config(
     )
     config.check()
     return config
+
+
+@dataclasses.dataclass
+class _LinkOptions:
+    """The link options as typed; a profile fills in what was not."""
+
+    peer_ip: str | None
+    via: str | None
+    lport: int | None
+    rport: int | None
+    peer_id: str | None
+    code: str | None
+    keepalive: bool
+    keepalive_interval: float | None
+    keepalive_timeout: float | None
+
+    def fill(self, profile: peers.Profile | None) -> None:
+        """Command-line values win; the profile gives the rest; then the defaults."""
+        if profile is not None:
+            if self.code is not None:
+                raise UsageError(
+                    f"--peer {profile.name} pins the saved ID: leave out --code (it is for "
+                    "a first meeting)"
+                )
+            if self.peer_id is None:
+                self.peer_id = profile.id
+            if self.peer_ip is None and self.via is None:  # where to meet is one choice
+                self.peer_ip, self.via = profile.ip, profile.via
+            if self.peer_ip is None and self.via is None:
+                raise UsageError(
+                    f"peer {profile.name!r} has no ip or via saved in "
+                    f"{profile.path}: give --peer-ip or --via"
+                )
+            if self.rport is None:
+                self.rport = profile.port
+            if self.lport is None:
+                self.lport = profile.lport
+            self.keepalive = self.keepalive or bool(profile.keepalive)
+            if self.keepalive_interval is None:
+                self.keepalive_interval = profile.keepalive_interval
+            if self.keepalive_timeout is None:
+                self.keepalive_timeout = profile.keepalive_timeout
+        if self.lport is None:
+            self.lport = DEFAULT_PORT
+        if self.rport is None:
+            self.rport = DEFAULT_PORT
+
+
+def _load_profile(name: str | None, config_dir: Path | None) -> peers.Profile | None:
+    if name is None:
+        return None
+    return peers.lookup(peers.check_name(name), config_dir)
 
 
 def _keepalive(
@@ -283,11 +372,13 @@ def pipe_command(
     peer_ip: PeerIp = None,
     via: Via = None,
     my_ip: MyIp = None,
-    lport: LPort = DEFAULT_PORT,
-    rport: RPort = DEFAULT_PORT,
+    lport: LPort = None,
+    rport: RPort = None,
+    peer: PeerName = None,
     peer_id: PeerId = None,
     code: Code = None,
     identity: IdentityDir = None,
+    config_dir: ConfigDir = None,
     timeout: Timeout = DEFAULT_TIMEOUT,
     keepalive: KeepaliveFlag = False,
     keepalive_interval: KeepaliveInterval = None,
@@ -303,9 +394,22 @@ def pipe_command(
     from tete_tunnel.pipe import PipeApp
 
     def work() -> Coroutine[Any, Any, None]:
-        alive = _keepalive(False, keepalive, keepalive_interval, keepalive_timeout)
+        o = _LinkOptions(
+            peer_ip,
+            via,
+            lport,
+            rport,
+            peer_id,
+            code,
+            keepalive,
+            keepalive_interval,
+            keepalive_timeout,
+        )
+        o.fill(_load_profile(peer, config_dir))
+        assert o.lport is not None and o.rport is not None
+        alive = _keepalive(False, o.keepalive, o.keepalive_interval, o.keepalive_timeout)
         config = _link_config(
-            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
+            o.peer_ip, my_ip, o.lport, o.rport, o.peer_id, o.code, identity, timeout, alive, o.via
         )
         return _linked(config, PipeApp(), "pipe")
 
@@ -388,20 +492,23 @@ def forward_command(
         ),
     ] = False,
     max_connections: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--max-connections",
             metavar="N",
-            help="Client connections at once per listener; more are reset with a log line.",
+            help="Client connections at once per listener; more are reset with a log line "
+            f"(default {DEFAULT_MAX_CONNECTIONS}).",
             rich_help_panel="Forwards",
         ),
-    ] = DEFAULT_MAX_CONNECTIONS,
+    ] = None,
     my_ip: MyIp = None,
-    lport: LPort = DEFAULT_PORT,
-    rport: RPort = DEFAULT_PORT,
+    lport: LPort = None,
+    rport: RPort = None,
+    peer: PeerName = None,
     peer_id: PeerId = None,
     code: Code = None,
     identity: IdentityDir = None,
+    config_dir: ConfigDir = None,
     timeout: Timeout = DEFAULT_TIMEOUT,
     keepalive: KeepaliveFlag = False,
     keepalive_interval: KeepaliveInterval = None,
@@ -418,23 +525,49 @@ def forward_command(
     from tete_tunnel.policy import Policy, parse_pattern
 
     def work() -> Coroutine[Any, Any, None]:
-        if max_connections < 1:
+        profile = _load_profile(peer, config_dir)
+        o = _LinkOptions(
+            peer_ip,
+            via,
+            lport,
+            rport,
+            peer_id,
+            code,
+            keepalive,
+            keepalive_interval,
+            keepalive_timeout,
+        )
+        o.fill(profile)
+        assert o.lport is not None and o.rport is not None
+        forwards_l, forwards_r, forwards_d = local or [], remote or [], dynamic or []
+        opens, listens = allow_open or [], allow_listen or []
+        going, most = keep_going, max_connections
+        if profile is not None:
+            if not (forwards_l or forwards_r or forwards_d):  # any given here replace the saved
+                forwards_l, forwards_r = profile.forwards("-L"), profile.forwards("-R")
+                forwards_d = profile.forwards("-D")
+            opens = opens or list(profile.allow_open)
+            listens = listens or list(profile.allow_listen)
+            going = going or bool(profile.keep_going)
+            most = most if most is not None else profile.max_connections
+        most = most if most is not None else DEFAULT_MAX_CONNECTIONS
+        if most < 1:
             raise UsageError("--max-connections must be at least 1")
         forwarder = Forwarder(
-            local=[parse_spec(t, "-L") for t in local or []],
-            remote=[parse_spec(t, "-R") for t in remote or []],
-            dynamic=[parse_dynamic(t, "-D") for t in dynamic or []],
+            local=[parse_spec(t, "-L") for t in forwards_l],
+            remote=[parse_spec(t, "-R") for t in forwards_r],
+            dynamic=[parse_dynamic(t, "-D") for t in forwards_d],
             policy=Policy(
-                allow_open=tuple(parse_pattern(t, "--allow-open") for t in allow_open or []),
-                allow_listen=tuple(parse_pattern(t, "--allow-listen") for t in allow_listen or []),
+                allow_open=tuple(parse_pattern(t, "--allow-open") for t in opens),
+                allow_listen=tuple(parse_pattern(t, "--allow-listen") for t in listens),
             ),
-            keep_going=keep_going,
+            keep_going=going,
             reconnect=not no_reconnect,
-            max_connections=max_connections,
+            max_connections=most,
         )
-        alive = _keepalive(True, keepalive, keepalive_interval, keepalive_timeout)
+        alive = _keepalive(True, o.keepalive, o.keepalive_interval, o.keepalive_timeout)
         config = _link_config(
-            peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
+            o.peer_ip, my_ip, o.lport, o.rport, o.peer_id, o.code, identity, timeout, alive, o.via
         )
         return _linked(config, forwarder, "forward")
 
@@ -505,10 +638,15 @@ def relay_command(
 @app.command("whoami")
 def whoami_command(
     via: Annotated[
-        str,
+        str | None,
         typer.Option("--via", metavar="RELAY[,RELAY...]", help="The relay to ask."),
-    ],
-    lport: LPort = DEFAULT_PORT,
+    ] = None,
+    lport: LPort = None,
+    peer: Annotated[
+        str | None,
+        typer.Option("--peer", metavar="NAME", help="Ask the relay saved for this peer."),
+    ] = None,
+    config_dir: ConfigDir = None,
     verbose: Verbose = 0,
 ) -> None:
     """Print our public address as a relay sees it (the port our NAT gives --lport).
@@ -518,14 +656,143 @@ def whoami_command(
     """
 
     def work() -> Coroutine[Any, Any, None]:
-        relays = tuple(rv.parse_relays(via))
-        if not 1 <= lport <= 65535:
-            raise UsageError(f"--lport {lport} is not a TCP port (1-65535)")
+        relay, port = via, lport
+        profile = _load_profile(peer, config_dir)
+        if profile is not None:
+            relay = relay or profile.via
+            port = port if port is not None else profile.lport
+            if relay is None:
+                raise UsageError(f"peer {profile.name!r} has no via saved in {profile.path}")
+        if relay is None:
+            raise UsageError("give the relay to ask with --via (or --peer NAME)")
+        port = port if port is not None else DEFAULT_PORT
+        relays = tuple(rv.parse_relays(relay))
+        if not 1 <= port <= 65535:
+            raise UsageError(f"--lport {port} is not a TCP port (1-65535)")
+        local_port: int = port
 
         async def ask() -> None:
-            print(await whoami(relays, lport), flush=True)
+            print(await whoami(relays, local_port), flush=True)
 
         return ask()
+
+    _run(verbose, work)
+
+
+peers_app = typer.Typer(
+    name="peers",
+    help=f"Named peers, kept in {peers.PEERS_FILE} (docs/PEERS.md): then --peer NAME.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(peers_app)
+
+
+@peers_app.command("add")
+def peers_add_command(
+    name: Annotated[str, typer.Argument(help="The name to use with --peer.")],
+    peer_id: Annotated[str, typer.Argument(metavar="ID", help="The peer's ID.")],
+    ip: Annotated[
+        str | None,
+        typer.Option("--ip", metavar="IP|HOST", help="Its public address (--peer-ip)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", metavar="N", help="Its public port (--rport).")
+    ] = None,
+    lport: Annotated[
+        int | None, typer.Option("--lport", metavar="N", help="Our port to punch from.")
+    ] = None,
+    via: Annotated[
+        str | None, typer.Option("--via", metavar="RELAY[,RELAY...]", help="Meet at a relay.")
+    ] = None,
+    local: Annotated[
+        list[str] | None,
+        typer.Option("-L", "--local", metavar="SPEC", help="A -L for forward. Repeatable."),
+    ] = None,
+    remote: Annotated[
+        list[str] | None,
+        typer.Option("-R", "--remote", metavar="SPEC", help="A -R for forward. Repeatable."),
+    ] = None,
+    dynamic: Annotated[
+        list[str] | None,
+        typer.Option("-D", "--dynamic", metavar="SPEC", help="A -D for forward. Repeatable."),
+    ] = None,
+    keepalive: Annotated[
+        bool, typer.Option("-k", "--keepalive", help="Keepalive on (pipe too).")
+    ] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Overwrite a peer of the same name.")
+    ] = False,
+    config_dir: ConfigDir = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Save a peer under a name: then `pipe --peer NAME`, `forward --peer NAME`."""
+
+    def work() -> None:
+        forward: list[str] = []
+        for spec in local or []:
+            forward += ["-L", spec]
+        for spec in remote or []:
+            forward += ["-R", spec]
+        for spec in dynamic or []:
+            forward += ["-D", spec]
+        profile = peers.Profile(
+            name=peers.check_name(name),
+            id=peer_id,
+            ip=ip.strip("[]") if ip else None,
+            port=port,
+            lport=lport,
+            via=via,
+            forward=tuple(forward),
+            keepalive=True if keepalive else None,
+        )
+        path = peers.add(profile, config_dir, replace=replace)
+        log.warning("saved peer %r in %s", name, path)
+
+    _run(verbose, work)
+
+
+@peers_app.command("list")
+def peers_list_command(config_dir: ConfigDir = None, verbose: Verbose = 0) -> None:
+    """List the saved peers: name, ID, where to meet, forwards."""
+
+    def work() -> None:
+        profiles = peers.load(config_dir)
+        if not profiles:
+            log.warning("no peers saved in %s", peers.peers_file(config_dir))
+        for profile in profiles.values():
+            print("  ".join(_describe(profile)))
+
+    _run(verbose, work)
+
+
+def _describe(profile: peers.Profile) -> list[str]:
+    words = [profile.name, profile.id]
+    if profile.ip is not None:
+        ip = f"[{profile.ip}]" if ":" in profile.ip else profile.ip
+        words.append(f"ip {ip}:{profile.port or DEFAULT_PORT}")
+    if profile.via is not None:
+        words.append(f"via {profile.via}")
+    if profile.lport is not None:
+        words.append(f"lport {profile.lport}")
+    if profile.forward:
+        words.append(" ".join(profile.forward))
+    return words
+
+
+@peers_app.command("remove")
+def peers_remove_command(
+    name: Annotated[str, typer.Argument(help="The peer to forget.")],
+    config_dir: ConfigDir = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Forget a saved peer."""
+
+    def work() -> None:
+        path = peers.remove(name, config_dir)
+        log.warning("removed peer %r from %s", name, path)
 
     _run(verbose, work)
 

@@ -16,16 +16,23 @@ Connection options shared by every command live here as one frozen config, so `p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tete_tunnel.errors import AuthenticationError, HandshakeError, PunchError, UsageError
+from tete_tunnel.errors import (
+    AuthenticationError,
+    HandshakeError,
+    PunchError,
+    TeteError,
+    UsageError,
+)
 from tete_tunnel.hello import NotAPeer
 from tete_tunnel.identity import Identity
-from tete_tunnel.net import endpoint, family_of, is_local_address
+from tete_tunnel.net import endpoint, family_of, is_local_address, resolve_peer_host_async
 from tete_tunnel.punch import (
     Attempts,
     accept_peer,
@@ -73,6 +80,9 @@ class LinkConfig:
     identity_dir: Path | None = None
     timeout: float = DEFAULT_TIMEOUT
     keepalive: Keepalive | None = None  # None: no application pings (TCP's defaults only)
+    # The host name --peer-ip gave (dynamic DNS), resolved to peer_ip at start and again
+    # before each reconnect; None when --peer-ip was an address.
+    peer_host: str | None = None
 
     def check(self) -> None:
         """Refuse impossible combinations before touching the network."""
@@ -148,9 +158,30 @@ class DirectConnector:
         # Handshakes that failed after our nonce went out: each one a safety code a man in
         # the middle may have drawn. Shown next to the code (unverified mode).
         self.codes_drawn = 0
+        self.attempted = False  # a first connect() ran: the next ones resolve peer_host again
 
     def describe(self) -> str:
         return "direct"
+
+    def save_hint(self) -> str:
+        """The options of `tete-tunnel peers add` that reach this peer again."""
+        config = self.config
+        hint = f"--ip {config.peer_host or config.peer_ip} --port {config.peer_port}"
+        return hint + (f" --lport {config.local_port}" if config.local_port != DEFAULT_PORT else "")
+
+    async def _resolve_again(self) -> None:
+        """A peer on dynamic DNS may have moved since the last link: look its name up again."""
+        host = self.config.peer_host
+        if host is None:
+            return
+        try:
+            ip = await resolve_peer_host_async(host, family_of(self.config.peer_ip))
+        except TeteError as exc:
+            log.warning("%s; punching to %s as before", exc, self.config.peer_ip)
+            return
+        if ip != self.config.peer_ip and family_of(ip) == family_of(self.config.peer_ip):
+            log.warning("%s now resolves to %s (was %s)", host, ip, self.config.peer_ip)
+            self.config = dataclasses.replace(self.config, peer_ip=ip)
 
     async def connect(self, deadline: float | None) -> SecureLink:
         """An authenticated link; PunchError at `deadline` (loop clock; None: no limit).
@@ -159,6 +190,9 @@ class DirectConnector:
         handshaken at once, up to MAX_HANDSHAKES together: a stranger that stalls, or several,
         never keep the real peer out. The first link that authenticates wins.
         """
+        if self.attempted:
+            await self._resolve_again()
+        self.attempted = True
         config = self.config
         auth = config.auth if self.pinned is None else Auth(peer_fingerprint=self.pinned)
         log.info(
@@ -241,6 +275,8 @@ class Pinning(Protocol):
     pinned: bytes | None
     codes_drawn: int
 
+    def save_hint(self) -> str: ...
+
 
 def announce(connector: Pinning, link: SecureLink) -> None:
     """The first link fixes the peer (pinned from then on) and says what to check or pin."""
@@ -265,6 +301,12 @@ def announce(connector: Pinning, link: SecureLink) -> None:
             )
     if link.mode is not Mode.PEER_ID:
         log.warning("peer ID: %s (pin it next time with --peer-id %s)", link.peer_id, link.peer_id)
+        log.warning(
+            "save it as a named peer (pick a NAME), then use --peer NAME: "
+            "tete-tunnel peers add NAME %s %s",
+            link.peer_id,
+            connector.save_hint(),
+        )
 
 
 class Punch:

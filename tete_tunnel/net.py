@@ -130,3 +130,55 @@ def listen_on(address: Address, backlog: int) -> socket.socket:
             raise TeteError(message) from exc
         raise TeteError(f"cannot listen on {where}: {exc.strerror}") from exc
     return sock
+
+
+def resolve_peer_host(host: str, prefer: socket.AddressFamily | None = None) -> str:
+    """The IP to punch to for --peer-ip HOST (a literal is returned as it is).
+
+    Punching needs one address of one family: `prefer`'s family if the name has one, else
+    IPv4 (where NATs and hole punching live), else the first answer. Blocking: called at
+    start, before the event loop; reconnects use `resolve_peer_host_async`.
+    """
+    return _pick(host, prefer, _getaddrinfo(host))
+
+
+async def resolve_peer_host_async(host: str, prefer: socket.AddressFamily | None = None) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return host
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise TeteError(f"cannot resolve --peer-ip {host}: {why}") from exc
+    return _pick(host, prefer, infos)
+
+
+def _getaddrinfo(host: str) -> list:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [(family_of(host), socket.SOCK_STREAM, 0, "", (host, 0))]
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid name"
+        raise UsageError(
+            f"--peer-ip: not an IP address: {host!r}, nor a host name that resolves ({why})"
+        ) from exc
+
+
+def _pick(host: str, prefer: socket.AddressFamily | None, infos: list) -> str:
+    found = [(family, address[0]) for family, _, _, _, address in infos]
+    if not found:
+        raise TeteError(f"cannot resolve --peer-ip {host}: no address")
+    for wanted in (prefer, socket.AF_INET):
+        for family, ip in found:
+            if family == wanted:
+                return str(ip)
+    return str(found[0][1])

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from tete_tunnel import rendezvous as rv
-from tete_tunnel.connector import Punch, _Drops, announce
+from tete_tunnel.connector import DEFAULT_PORT, Punch, _Drops, announce
 from tete_tunnel.errors import (
     AuthenticationError,
     HandshakeError,
@@ -223,6 +223,12 @@ class RelayConnector:
 
     def describe(self) -> str:
         return self.path
+
+    def save_hint(self) -> str:
+        """The options of `tete-tunnel peers add` that reach this peer again."""
+        hint = "--via " + ",".join(str(relay) for relay in self.config.relays)
+        port = self.config.local_port
+        return hint + (f" --lport {port}" if port != DEFAULT_PORT else "")
 
     async def aclose(self) -> None:
         if self.control is not None:
