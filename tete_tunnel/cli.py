@@ -26,6 +26,7 @@ from tete_tunnel.forward import DEFAULT_MAX_CONNECTIONS
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.log import log, setup_logging
 from tete_tunnel.malloc import tune_malloc
+from tete_tunnel.net import endpoint
 from tete_tunnel.relay import RelayLimits, run_relay
 from tete_tunnel.rendezvous import DEFAULT_RELAY_PORT
 from tete_tunnel.secure import MIN_CODE_BITS, Auth, code_strength
@@ -102,7 +103,7 @@ Code = Annotated[
     ),
 ]
 IdentityDir = Annotated[
-    Path | None,
+    str | None,  # a str, not a Path: Path("") is the current directory, and '' is refused
     typer.Option(
         "--identity",
         help="Directory of our identity (default $XDG_CONFIG_HOME/tete-tunnel).",
@@ -160,11 +161,14 @@ def _link_config(
     rport: int,
     peer_id: str | None,
     code: str | None,
-    identity: Path | None,
+    identity: str | None,
     timeout: float,
     keepalive: Keepalive | None,
     via: str | None = None,
 ) -> LinkConfig | ViaConfig:
+    identity_dir = _identity_dir(identity)
+    if not 0 < timeout < math.inf:  # NaN fails `0 < timeout` too
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     if via is not None and peer_ip is not None:
         raise UsageError("--via finds the peer's address itself: leave out --peer-ip")
     if via is None and peer_ip is None:
@@ -189,7 +193,7 @@ def _link_config(
             relays=tuple(rv.parse_relays(via)),
             local_port=lport,
             auth=auth,
-            identity_dir=identity,
+            identity_dir=identity_dir,
             timeout=timeout,
             keepalive=keepalive,
         )
@@ -202,12 +206,21 @@ def _link_config(
         peer_port=rport,
         my_ip=my_ip.strip("[]") if my_ip else None,
         auth=auth,
-        identity_dir=identity,
+        identity_dir=identity_dir,
         timeout=timeout,
         keepalive=keepalive,
     )
     config.check()
     return config
+
+
+def _identity_dir(text: str | None) -> Path | None:
+    """--identity as a directory; '' is refused (it would be the current directory)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError("--identity must name a directory, not ''")
+    return Path(text)
 
 
 def _keepalive(
@@ -271,7 +284,7 @@ def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
     """Print our ID (creating our identity on first use). The peer pins it with --peer-id."""
 
     def work() -> None:
-        ident = load_or_create(identity)
+        ident = load_or_create(_identity_dir(identity))
         logging.getLogger("tete_tunnel").info("identity file: %s", ident.path)
         print(ident.id)
 
@@ -419,6 +432,16 @@ def forward_command(
             reconnect=not no_reconnect,
             max_connections=max_connections,
         )
+        for option, specs in (("-L", forwarder.local), ("-R", forwarder.remote)):
+            seen: dict[tuple[str, int], str] = {}
+            for spec in specs:
+                where = (spec.bind_host, spec.bind_port)
+                if spec.bind_port != 0 and where in seen:
+                    raise UsageError(
+                        f"{option} {spec.text!r} is a duplicate: {option} {seen[where]!r} "
+                        f"already listens on {endpoint(*where)}"
+                    )
+                seen[where] = spec.text
         alive = _keepalive(True, keepalive, keepalive_interval, keepalive_timeout)
         config = _link_config(
             peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
@@ -465,6 +488,19 @@ def relay_command(
             help="How often a relayed pair is told to try a direct path again.",
         ),
     ] = RelayLimits.upgrade_interval,
+    second_port: Annotated[
+        int | None,
+        typer.Option(
+            "--second-port",
+            metavar="PORT",
+            help="A second port that answers like the first, so `netcheck` can tell whether "
+            "a NAT maps one local port to the same public port for two destinations "
+            "(default: the --listen port + 1; 0: any free port).",
+        ),
+    ] = None,
+    no_second_port: Annotated[
+        bool, typer.Option("--no-second-port", help="Listen on one port only.")
+    ] = False,
     verbose: Verbose = 0,
 ) -> None:
     """Run a rendezvous and relay server for peers that use --via.
@@ -484,7 +520,16 @@ def relay_command(
             max_session_bytes=max_session_bytes,
             upgrade_interval=upgrade_interval,
         )
-        return run_relay(host, port, limits)
+        if second_port is not None and no_second_port:
+            raise UsageError("use either --second-port or --no-second-port, not both")
+        if second_port is not None and not 0 <= second_port <= 65535:
+            raise UsageError(f"--second-port {second_port} is not a TCP port (0-65535)")
+        if second_port is not None and second_port == port != 0:
+            raise UsageError("--second-port must differ from the --listen port")
+        second = second_port
+        if second is None and not no_second_port and port < 65535:
+            second = port + 1 if port else 0
+        return run_relay(host, port, limits, second, second_default=second_port is None)
 
     _run(verbose, work)
 
@@ -513,6 +558,38 @@ def whoami_command(
             print(await whoami(relays, lport), flush=True)
 
         return ask()
+
+    _run(verbose, work)
+
+
+@app.command("netcheck")
+def netcheck_command(
+    via: Annotated[
+        str,
+        typer.Option("--via", metavar="RELAY", help="The relay to ask (HOST[:PORT])."),
+    ],
+    lport: LPort = DEFAULT_PORT,
+    verbose: Verbose = 0,
+) -> None:
+    """What our network means for a direct link: our public address, whether the NAT keeps
+    our port and maps it the same for every destination, IPv6, and how far the relay is.
+
+    Exits 0 when the relay answered, 1 when it did not.
+    """
+    from tete_tunnel.netcheck import describe, probe
+
+    def work() -> Coroutine[Any, Any, None]:
+        relays = rv.parse_relays(via)
+        if len(relays) != 1:
+            raise UsageError("netcheck asks one relay: give one --via HOST[:PORT]")
+        if not 1 <= lport <= 65535:
+            raise UsageError(f"--lport {lport} is not a TCP port (1-65535)")
+
+        async def check() -> None:
+            for line in describe(await probe(relays[0], lport)):
+                print(line, flush=True)
+
+        return check()
 
     _run(verbose, work)
 
