@@ -6,12 +6,16 @@ usage errors); anything else is a bug, shown as one line too, with the traceback
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import sys
+import termios
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +33,7 @@ from tete_tunnel.malloc import tune_malloc
 from tete_tunnel.net import endpoint
 from tete_tunnel.relay import RelayLimits, run_relay
 from tete_tunnel.rendezvous import DEFAULT_RELAY_PORT
-from tete_tunnel.secure import MIN_CODE_BITS, Auth, code_strength
+from tete_tunnel.secure import MIN_CODE_BITS, Auth, Mode, SecureLink, code_strength
 from tete_tunnel.session import Keepalive
 from tete_tunnel.supervisor import App, supervise
 from tete_tunnel.text import safe_lines
@@ -237,7 +241,12 @@ def _keepalive(
     )
 
 
-def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine[Any, Any, None]:
+def _linked(
+    config: LinkConfig | ViaConfig,
+    app: App,
+    command: str,
+    confirm: Callable[[SecureLink], Awaitable[bool]] | None = None,
+) -> Coroutine[Any, Any, None]:
     """The work of a command that links to the peer: identity first, then the supervisor."""
     identity = load_or_create(config.identity_dir)  # a bad identity fails before the network
     log.info("our ID: %s", identity.id)
@@ -249,10 +258,54 @@ def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine
         connector = DirectConnector(config, identity)
 
     async def work() -> None:
-        ending = await supervise(connector, app, timeout=config.timeout, keepalive=config.keepalive)
+        ending = await supervise(
+            connector, app, timeout=config.timeout, keepalive=config.keepalive, confirm=confirm
+        )
         logmod.event(ending.value)
 
     return work()
+
+
+MAX_ANSWER = 1024  # bytes of an answer to the safety-code question
+
+
+async def _confirm_on_terminal(link: SecureLink) -> bool:
+    """ssh's host-key question, for an unverified link: the safety code, y or N (EOF: N).
+    Typed-ahead input is discarded first: only an answer given after the question counts."""
+    if link.mode is not Mode.UNVERIFIED:
+        return True
+    fd = sys.stdin.fileno()
+    with contextlib.suppress(termios.error):
+        termios.tcflush(fd, termios.TCIFLUSH)
+    print(
+        f"Does the peer see the same safety code {link.safety_code}? [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[bytes] = loop.create_future()
+    line = bytearray()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, MAX_ANSWER)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        line.extend(chunk)
+        if (not chunk or b"\n" in line or len(line) >= MAX_ANSWER) and not answered.done():
+            answered.set_result(bytes(line))
+
+    loop.add_reader(fd, readable)
+    try:
+        answer = await answered
+    finally:
+        loop.remove_reader(fd)
+    if not answer.endswith(b"\n"):
+        print(file=sys.stderr)  # EOF: end the question's line
+    return answer.decode(errors="replace").strip().lower() in ("y", "yes")
 
 
 def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
@@ -446,7 +499,11 @@ def forward_command(
         config = _link_config(
             peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
         )
-        return _linked(config, forwarder, "forward")
+        # Like ssh's question about an unknown host key: on a terminal, an unverified link
+        # is served only once its user confirms the safety code (pipe's stdin is its data).
+        unverified = peer_id is None and code is None and via is None
+        confirm = _confirm_on_terminal if unverified and sys.stdin.isatty() else None
+        return _linked(config, forwarder, "forward", confirm)
 
     _run(verbose, work)
 

@@ -265,6 +265,14 @@ def announce(connector: Pinning, link: SecureLink) -> None:
             )
     if link.mode is not Mode.PEER_ID:
         log.warning("peer ID: %s (pin it next time with --peer-id %s)", link.peer_id, link.peer_id)
+    else:
+        # The peer may not have pinned us: then it shows this code too and may ask its user
+        # to compare it with ours before it serves the link.
+        log.warning(
+            "the peer is verified by its ID; its safety code is %s (if the peer did not pin "
+            "our ID, it may ask whether we see the same)",
+            link.safety_code,
+        )
 
 
 class Punch:
