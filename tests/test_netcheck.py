@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, Procs, free_ports, wait_for_text
+from tests.helpers import Proc, Procs, free_ports, skip_without_ipv6, wait_for_text
 from tests.natlab import NatLab, natlab_available
 from tete_tunnel import rendezvous as rv
 from tete_tunnel.netcheck import Netcheck, Observation, describe
@@ -69,6 +69,23 @@ def test_loopback_report_lines(procs: Procs) -> None:
     assert lines[5].startswith("in short: no NAT on our side: direct connections should work")
     assert len(lines) == 6, lines
     assert p.err == "", p.err
+
+
+def test_relay_over_ipv6(procs: Procs) -> None:
+    """A relay given as an IPv6 address is reached over IPv6, and said so."""
+    skip_without_ipv6()
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    relay = start_relay(procs, "--second-port", "0", listen=f"[::1]:{port}")
+    lport = free_ports(1)[0]
+    p = procs.start(["netcheck", "--via", f"[::1]:{port}", "--lport", str(lport)])
+    assert p.wait(20) == 0, p.err
+    stop(relay)
+    out = p.out.decode()
+    assert f"public address: [::1]:{lport}" in out, out
+    assert f"IPv6: yes, the relay sees [::1]:{lport}" in out, out
+    assert "endpoint-independent" in out, out
 
 
 def test_relay_without_second_port_says_the_mapping_was_not_tested(procs: Procs) -> None:
