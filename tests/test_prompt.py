@@ -12,6 +12,7 @@ import contextlib
 import os
 import pty
 import re
+import signal
 import socket
 import threading
 import time
@@ -209,3 +210,17 @@ def test_not_on_a_terminal_keeps_the_warning(procs: Procs, tmp_path: Path) -> No
             assert sock.recv(10) == b"x\n"
         assert "WARNING: the peer is not verified" in a.err
         assert "Does the peer see" not in a.err + b.err
+
+
+def test_link_lost_while_asking_ends_the_run(procs: Procs, tmp_path: Path) -> None:
+    """The peer vanishes during the question: no new link is made (it would be pinned to a
+    peer nobody confirmed), the run ends with exit 1."""
+    with target() as echo, terminal() as (_master, slave):
+        a, b, _, _ = start_pair(procs, tmp_path, slave, echo.port)
+        asked(a)
+        wait_for_text(b.err_path, "Connected to peer!", 30)
+        b.signal(signal.SIGKILL)
+        b.wait(10)
+        assert a.wait(30) == 1, a.err
+    assert "error: the link was lost before the safety code was confirmed" in a.err, a.err
+    assert "Reconnecting" not in a.err and "Traceback" not in a.err, a.err

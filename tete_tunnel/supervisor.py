@@ -174,7 +174,9 @@ async def supervise(
                     link = await _until_stopped(signals, connector.connect(None))
                 except Interrupted:
                     return Ending.BY_US
-                confirm = None  # the first link fixed the peer: later ones are pinned
+                # The first link fixed the peer, and our user confirmed it (or the run ended
+                # in _confirmed): later links are pinned to it.
+                confirm = None
         finally:
             await app.close()
             closing = getattr(connector, "aclose", None)
@@ -274,10 +276,12 @@ async def _confirmed(
             "the safety code was not confirmed: the link was closed before any data went "
             "through (verify the peer with --code or --peer-id)"
         )
-    if session.error is not None:
+    if isinstance(session.error, PeerDeclined):
         raise session.error
-    if ended.done() and not ended.cancelled():
-        raise Closed("the peer closed the link before the safety code was confirmed")
+    if session.ended.is_set():
+        # Not a reason to link again: a new link would be pinned to this unconfirmed peer.
+        why = session.error.cause if session.error is not None else "the peer closed it"
+        raise NotConfirmed(f"the link was lost before the safety code was confirmed ({why})")
     await session.close(GoAwayCode.CANCELLED)
     if not asking.cancelled() and asking.exception() is not None:
         raise asking.exception()  # type: ignore[misc]
