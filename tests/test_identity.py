@@ -188,7 +188,13 @@ def test_key_not_matching_its_certificate_is_refused(tmp_path: Path) -> None:
     write_private(mixed, key_a + cert_b)
     before = snapshot(mixed.parent, mixed)
     result = tool_id(tmp_path, "--identity", str(mixed.parent))
-    assert_refused(result, mixed, "does not match its certificate", "move it away")
+    assert_refused(
+        result,
+        mixed,
+        "does not match its certificate",
+        "restore it from a backup",
+        "--identity DIR",
+    )
     assert snapshot(mixed.parent, mixed) == before
     with pytest.raises(TeteError, match="does not match"):
         load_or_create(mixed.parent)

@@ -6,12 +6,16 @@ usage errors); anything else is a bug, shown as one line too, with the traceback
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import sys
+import termios
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,10 +30,10 @@ from tete_tunnel.forward import DEFAULT_MAX_CONNECTIONS
 from tete_tunnel.identity import load_or_create, parse_id
 from tete_tunnel.log import log, setup_logging
 from tete_tunnel.malloc import tune_malloc
-from tete_tunnel.net import family_of, resolve_peer_host
+from tete_tunnel.net import endpoint, family_of, resolve_peer_host
 from tete_tunnel.relay import RelayLimits, run_relay
 from tete_tunnel.rendezvous import DEFAULT_RELAY_PORT
-from tete_tunnel.secure import MIN_CODE_BITS, Auth, code_strength
+from tete_tunnel.secure import MIN_CODE_BITS, Auth, Mode, SecureLink, code_strength
 from tete_tunnel.session import Keepalive
 from tete_tunnel.supervisor import App, supervise
 from tete_tunnel.text import safe_lines
@@ -134,7 +138,7 @@ Code = Annotated[
     ),
 ]
 IdentityDir = Annotated[
-    Path | None,
+    str | None,  # a str, not a Path: Path("") is the current directory, and '' is refused
     typer.Option(
         "--identity",
         help="Directory of our identity (default $XDG_CONFIG_HOME/tete-tunnel).",
@@ -192,11 +196,14 @@ def _link_config(
     rport: int,
     peer_id: str | None,
     code: str | None,
-    identity: Path | None,
+    identity: str | None,
     timeout: float,
     keepalive: Keepalive | None,
     via: str | None = None,
 ) -> LinkConfig | ViaConfig:
+    identity_dir = _identity_dir(identity)
+    if not 0 < timeout < math.inf:  # NaN fails `0 < timeout` too
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     if via is not None and peer_ip is not None:
         raise UsageError("--via finds the peer's address itself: leave out --peer-ip")
     if via is None and peer_ip is None:
@@ -221,7 +228,7 @@ def _link_config(
             relays=tuple(rv.parse_relays(via)),
             local_port=lport,
             auth=auth,
-            identity_dir=identity,
+            identity_dir=identity_dir,
             timeout=timeout,
             keepalive=keepalive,
         )
@@ -239,7 +246,7 @@ def _link_config(
         peer_port=rport,
         my_ip=my_ip.strip("[]") if my_ip else None,
         auth=auth,
-        identity_dir=identity,
+        identity_dir=identity_dir,
         timeout=timeout,
         keepalive=keepalive,
     )
@@ -299,6 +306,15 @@ def _load_profile(name: str | None, config_dir: Path | None) -> peers.Profile | 
     return peers.lookup(peers.check_name(name), config_dir)
 
 
+def _identity_dir(text: str | None) -> Path | None:
+    """--identity as a directory; '' is refused (it would be the current directory)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError("--identity must name a directory, not ''")
+    return Path(text)
+
+
 def _keepalive(
     default_on: bool, flag: bool, interval: float | None, timeout: float | None
 ) -> Keepalive | None:
@@ -313,7 +329,12 @@ def _keepalive(
     )
 
 
-def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine[Any, Any, None]:
+def _linked(
+    config: LinkConfig | ViaConfig,
+    app: App,
+    command: str,
+    confirm: Callable[[SecureLink], Awaitable[bool]] | None = None,
+) -> Coroutine[Any, Any, None]:
     """The work of a command that links to the peer: identity first, then the supervisor."""
     identity = load_or_create(config.identity_dir)  # a bad identity fails before the network
     log.info("our ID: %s", identity.id)
@@ -325,10 +346,54 @@ def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine
         connector = DirectConnector(config, identity)
 
     async def work() -> None:
-        ending = await supervise(connector, app, timeout=config.timeout, keepalive=config.keepalive)
+        ending = await supervise(
+            connector, app, timeout=config.timeout, keepalive=config.keepalive, confirm=confirm
+        )
         logmod.event(ending.value)
 
     return work()
+
+
+MAX_ANSWER = 1024  # bytes of an answer to the safety-code question
+
+
+async def _confirm_on_terminal(link: SecureLink) -> bool:
+    """ssh's host-key question, for an unverified link: the safety code, y or N (EOF: N).
+    Typed-ahead input is discarded first: only an answer given after the question counts."""
+    if link.mode is not Mode.UNVERIFIED:
+        return True
+    fd = sys.stdin.fileno()
+    with contextlib.suppress(termios.error):
+        termios.tcflush(fd, termios.TCIFLUSH)
+    print(
+        f"Does the peer see the same safety code {link.safety_code}? [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[bytes] = loop.create_future()
+    line = bytearray()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, MAX_ANSWER)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        line.extend(chunk)
+        if (not chunk or b"\n" in line or len(line) >= MAX_ANSWER) and not answered.done():
+            answered.set_result(bytes(line))
+
+    loop.add_reader(fd, readable)
+    try:
+        answer = await answered
+    finally:
+        loop.remove_reader(fd)
+    if not answer.endswith(b"\n"):
+        print(file=sys.stderr)  # EOF: end the question's line
+    return answer.decode(errors="replace").strip().lower() in ("y", "yes")
 
 
 def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
@@ -360,7 +425,7 @@ def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
     """Print our ID (creating our identity on first use). The peer pins it with --peer-id."""
 
     def work() -> None:
-        ident = load_or_create(identity)
+        ident = load_or_create(_identity_dir(identity))
         logging.getLogger("tete_tunnel").info("identity file: %s", ident.path)
         print(ident.id)
 
@@ -565,11 +630,25 @@ def forward_command(
             reconnect=not no_reconnect,
             max_connections=most,
         )
+        for option, specs in (("-L", forwarder.local), ("-R", forwarder.remote)):
+            seen: dict[tuple[str, int], str] = {}
+            for spec in specs:
+                where = (spec.bind_host, spec.bind_port)
+                if spec.bind_port != 0 and where in seen:
+                    raise UsageError(
+                        f"{option} {spec.text!r} is a duplicate: {option} {seen[where]!r} "
+                        f"already listens on {endpoint(*where)}"
+                    )
+                seen[where] = spec.text
         alive = _keepalive(True, o.keepalive, o.keepalive_interval, o.keepalive_timeout)
         config = _link_config(
             o.peer_ip, my_ip, o.lport, o.rport, o.peer_id, o.code, identity, timeout, alive, o.via
         )
-        return _linked(config, forwarder, "forward")
+        # Like ssh's question about an unknown host key: on a terminal, an unverified link
+        # is served only once its user confirms the safety code (pipe's stdin is its data).
+        unverified = peer_id is None and code is None and via is None
+        confirm = _confirm_on_terminal if unverified and sys.stdin.isatty() else None
+        return _linked(config, forwarder, "forward", confirm)
 
     _run(verbose, work)
 
@@ -611,6 +690,19 @@ def relay_command(
             help="How often a relayed pair is told to try a direct path again.",
         ),
     ] = RelayLimits.upgrade_interval,
+    second_port: Annotated[
+        int | None,
+        typer.Option(
+            "--second-port",
+            metavar="PORT",
+            help="A second port that answers like the first, so `netcheck` can tell whether "
+            "a NAT maps one local port to the same public port for two destinations "
+            "(default: the --listen port + 1; 0: any free port).",
+        ),
+    ] = None,
+    no_second_port: Annotated[
+        bool, typer.Option("--no-second-port", help="Listen on one port only.")
+    ] = False,
     verbose: Verbose = 0,
 ) -> None:
     """Run a rendezvous and relay server for peers that use --via.
@@ -630,7 +722,16 @@ def relay_command(
             max_session_bytes=max_session_bytes,
             upgrade_interval=upgrade_interval,
         )
-        return run_relay(host, port, limits)
+        if second_port is not None and no_second_port:
+            raise UsageError("use either --second-port or --no-second-port, not both")
+        if second_port is not None and not 0 <= second_port <= 65535:
+            raise UsageError(f"--second-port {second_port} is not a TCP port (0-65535)")
+        if second_port is not None and second_port == port != 0:
+            raise UsageError("--second-port must differ from the --listen port")
+        second = second_port
+        if second is None and not no_second_port and port < 65535:
+            second = port + 1 if port else 0
+        return run_relay(host, port, limits, second, second_default=second_port is None)
 
     _run(verbose, work)
 
@@ -793,6 +894,38 @@ def peers_remove_command(
     def work() -> None:
         path = peers.remove(name, config_dir)
         log.warning("removed peer %r from %s", name, path)
+
+    _run(verbose, work)
+
+
+@app.command("netcheck")
+def netcheck_command(
+    via: Annotated[
+        str,
+        typer.Option("--via", metavar="RELAY", help="The relay to ask (HOST[:PORT])."),
+    ],
+    lport: LPort = DEFAULT_PORT,
+    verbose: Verbose = 0,
+) -> None:
+    """What our network means for a direct link: our public address, whether the NAT keeps
+    our port and maps it the same for every destination, IPv6, and how far the relay is.
+
+    Exits 0 when the relay answered, 1 when it did not.
+    """
+    from tete_tunnel.netcheck import describe, probe
+
+    def work() -> Coroutine[Any, Any, None]:
+        relays = rv.parse_relays(via)
+        if len(relays) != 1:
+            raise UsageError("netcheck asks one relay: give one --via HOST[:PORT]")
+        if not 1 <= lport <= 65535:
+            raise UsageError(f"--lport {lport} is not a TCP port (1-65535)")
+
+        async def check() -> None:
+            for line in describe(await probe(relays[0], lport)):
+                print(line, flush=True)
+
+        return check()
 
     _run(verbose, work)
 

@@ -307,6 +307,14 @@ def announce(connector: Pinning, link: SecureLink) -> None:
             link.peer_id,
             connector.save_hint(),
         )
+    else:
+        # The peer may not have pinned us: then it shows this code too and may ask its user
+        # to compare it with ours before it serves the link.
+        log.warning(
+            "the peer is verified by its ID; its safety code is %s (if the peer did not pin "
+            "our ID, it may ask whether we see the same)",
+            link.safety_code,
+        )
 
 
 class Punch:

@@ -50,6 +50,23 @@ class PeerViolation(LinkBroken):
     """The peer broke the protocol (or said we did): the session was ended with go-away."""
 
 
+class PeerDeclined(LinkBroken):
+    """The peer ended an unverified link at once: its user did not confirm the safety code.
+    Not worth a new link: the same peer would be asked again."""
+
+    def __init__(self) -> None:
+        TeteError.__init__(
+            self,
+            "the peer did not confirm the safety code and ended the link before any data "
+            "went through (compare the codes again, or verify with --code or --peer-id)",
+        )
+        self.cause = "the peer did not confirm the safety code"
+
+
+class NotConfirmed(TeteError):
+    """We did not confirm the safety code of an unverified link (or could not be asked)."""
+
+
 class PeerUnresponsive(LinkBroken):
     """The peer stopped answering: no pong within the keepalive timeout, or TCP gave up."""
 

@@ -95,6 +95,8 @@ def _split_fields(text: str) -> list[str]:
 
 
 def _port(text: str, allow_zero: bool) -> int:
+    if not text.strip().isdigit() or not text.strip().isascii():
+        raise ValueError(f"port must be a number, not {text!r}")
     port = int(text)
     if not (0 if allow_zero else 1) <= port <= 65535:
         raise ValueError(f"port {port} out of range")
@@ -466,7 +468,7 @@ class Forwarder:
                 except TeteError as exc:
                     if not self.keep_going:
                         raise
-                    log.warning("error: %s %s: %s (going on without it)", option, spec.text, exc)
+                    log.warning("warning: %s %s: %s (going on without it)", option, spec.text, exc)
                     continue
                 if isinstance(spec, ForwardSpec):
                     request: preamble.Request | None = preamble.Connect(spec.host, spec.port)
@@ -569,7 +571,7 @@ class Forwarder:
         if first and not self.keep_going:
             raise TeteError(f"the peer refused -R {spec.text}: {reason}")
         remote.given_up = first
-        log.warning("error: the peer refused -R %s: %s (going on without it)", spec.text, reason)
+        log.warning("warning: the peer refused -R %s: %s (going on without it)", spec.text, reason)
 
     async def _listen_at_peer(
         self, session: Session, remote: _Remote

@@ -43,6 +43,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted under our name must not hang the open (it is refused after).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _MOVE_AWAY = "move it away to create a new identity, or pick another with --identity DIR"
+# For a file that may be the user's damaged identity: never advice that throws it away (a new
+# identity is a new ID, and every peer that pinned the old one refuses it).
+_DAMAGED = (
+    "if it is your identity, restore it from a backup; or use another one with --identity DIR "
+    "(a new identity has a new ID that peers must pin again)"
+)
 
 
 def default_identity_dir() -> Path:
@@ -261,7 +267,7 @@ def _read_file(path: Path, dir_fd: int) -> bytes | None:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise TeteError(f"identity file {path} is not a regular file ({_MOVE_AWAY})")
+            raise TeteError(f"identity file {path} is not a regular file ({_DAMAGED})")
         if st.st_uid != os.geteuid():
             raise _file_not_ours(path, st.st_uid)
         if st.st_mode & 0o077:
@@ -272,7 +278,7 @@ def _read_file(path: Path, dir_fd: int) -> bytes | None:
             )
         data = f.read(_MAX_FILE_SIZE + 1)
     if len(data) > _MAX_FILE_SIZE:
-        raise TeteError(f"cannot read identity {path}: too large for an identity ({_MOVE_AWAY})")
+        raise TeteError(f"cannot read identity {path}: too large for an identity ({_DAMAGED})")
     return data
 
 
@@ -281,7 +287,7 @@ def _parse(path: Path, data: bytes) -> Identity:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise TeteError(
-            f"cannot read identity {path}: no valid certificate in it ({_MOVE_AWAY})"
+            f"cannot read identity {path}: no valid certificate in it ({_DAMAGED})"
         ) from exc
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -296,10 +302,10 @@ def _parse(path: Path, data: bytes) -> Identity:
         ) from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise TeteError(
-            f"cannot read identity {path}: no valid private key in it ({_MOVE_AWAY})"
+            f"cannot read identity {path}: no valid private key in it ({_DAMAGED})"
         ) from exc
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise TeteError(f"identity file {path} does not hold an Ed25519 key ({_MOVE_AWAY})")
+        raise TeteError(f"identity file {path} does not hold an Ed25519 key ({_DAMAGED})")
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
         cert_key = cert.public_key().public_bytes(*spki)
@@ -308,7 +314,7 @@ def _parse(path: Path, data: bytes) -> Identity:
     if cert_key != key.public_key().public_bytes(*spki):
         raise TeteError(
             f"identity file {path} holds a private key that does not match its certificate "
-            f"({_MOVE_AWAY})"
+            f"({_DAMAGED})"
         )
     return Identity(path=path, cert_der=cert.public_bytes(serialization.Encoding.DER), pem=data)
 

@@ -103,60 +103,66 @@ class RelayServer:
         self.sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
+        # A second port that answers whoami as the first does (and everything else too): a
+        # client compares how its NAT maps one local port to two destinations (netcheck).
+        self._second: socket.socket | None = None
+        self.second_port: int | None = None
         self.stats = {"connections": 0, "refused": 0, "paired": 0, "relayed": 0, "bytes": 0}
         self._throttled = Throttled()
 
     # -- lifetime ---------------------------------------------------------------------------
 
     def bind(self, host: str, port: int) -> tuple[str, int]:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            where = endpoint(host, port)
-            if exc.errno == errno.EADDRINUSE:
-                raise TeteError(f"cannot listen on {where}: {in_use_message(port)}") from exc
-            raise TeteError(f"cannot listen on {where}: {exc.strerror}") from exc
-        self._listener = sock
-        bound = sock.getsockname()
+        self._listener = _listen(host, port)
+        bound = self._listener.getsockname()
         return bound[0], bound[1]
+
+    def bind_second(self, host: str, port: int) -> int:
+        """Listen on a second port too (0: any free one); its number is told to whoami."""
+        self._second = _listen(host, port)
+        self.second_port = self._second.getsockname()[1]
+        return self.second_port
 
     async def serve(self) -> None:
         """Accept until cancelled; then every connection and task is closed and awaited."""
         assert self._listener is not None
-        loop = asyncio.get_running_loop()
+        listeners = [s for s in (self._listener, self._second) if s is not None]
+        accepting = [asyncio.ensure_future(self._accept(s)) for s in listeners]
         try:
-            while True:
-                try:
-                    conn, addr = await loop.sock_accept(self._listener)
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_LATER:
-                        raise
-                    # Out of descriptors or memory (a crowd of connections): the new ones
-                    # wait in the backlog until some close; the relay must not stop.
-                    self._throttled.warning(
-                        "accept", loop.time(), "relay: cannot accept connections: %s", exc.strerror
-                    )
-                    await asyncio.sleep(ACCEPT_PAUSE)
-                    continue
-                self.stats["connections"] += 1
-                if self._pending >= self.limits.max_pending:
-                    self.stats["refused"] += 1
-                    conn.close()
-                    continue
-                conn.setblocking(False)
-                self._spawn(self._greet(conn, (unmapped(addr[0]), addr[1])))
+            await asyncio.gather(*accepting)
         finally:
-            self._listener.close()
+            for task in accepting:
+                task.cancel()
+            await asyncio.gather(*accepting, return_exceptions=True)
+            for s in listeners:
+                s.close()
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_LATER:
+                    raise
+                # Out of descriptors or memory (a crowd of connections): the new ones
+                # wait in the backlog until some close; the relay must not stop.
+                self._throttled.warning(
+                    "accept", loop.time(), "relay: cannot accept connections: %s", exc.strerror
+                )
+                await asyncio.sleep(ACCEPT_PAUSE)
+                continue
+            self.stats["connections"] += 1
+            if self._pending >= self.limits.max_pending:
+                self.stats["refused"] += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._spawn(self._greet(conn, (unmapped(addr[0]), addr[1])))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -179,7 +185,10 @@ class RelayServer:
                 self._pending -= 1
             op = message.get("op")
             if op == "whoami":
-                await _send(sock, {"op": "observed", "addr": rv.format_address(*addr)})
+                answer: dict[str, Any] = {"op": "observed", "addr": rv.format_address(*addr)}
+                if self.second_port is not None:
+                    answer["second_port"] = self.second_port
+                await _send(sock, answer)
             elif op == "allocate":
                 keep = True
                 await self._allocate(sock, addr, message)
@@ -716,6 +725,23 @@ async def _send(sock: socket.socket, message: dict[str, Any]) -> None:
     await asyncio.get_running_loop().sock_sendall(sock, rv.encode(message))
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = endpoint(host, port)
+        if exc.errno == errno.EADDRINUSE:
+            raise TeteError(f"cannot listen on {where}: {in_use_message(port)}") from exc
+        raise TeteError(f"cannot listen on {where}: {exc.strerror}") from exc
+    return sock
+
+
 def _valid_address(text: object) -> bool:
     try:
         rv.parse_address(text)
@@ -724,13 +750,30 @@ def _valid_address(text: object) -> bool:
     return True
 
 
-async def run_relay(host: str, port: int, limits: RelayLimits) -> None:
-    """The `relay` command: serve until SIGINT, SIGTERM or SIGHUP."""
+async def run_relay(
+    host: str,
+    port: int,
+    limits: RelayLimits,
+    second_port: int | None = None,
+    *,
+    second_default: bool = False,
+) -> None:
+    """The `relay` command: serve until SIGINT, SIGTERM or SIGHUP. A second port (None: none)
+    answers whoami too, for netcheck; when it is only the default (PORT+1), a port in use
+    there is said and the relay goes on without it."""
     from tete_tunnel.supervisor import Signals
 
     server = RelayServer(limits)
     bound = server.bind(host, port)
-    log.warning("relay listening on %s", rv.format_address(*bound))
+    also = ""
+    if second_port is not None:
+        try:
+            also = f" (and port {server.bind_second(host, second_port)} for netcheck)"
+        except TeteError as exc:
+            if not second_default:
+                raise
+            also = f" (no second port for netcheck: {exc})"
+    log.warning("relay listening on %s%s", rv.format_address(*bound), also)
     with Signals() as signals:
         serving = asyncio.ensure_future(server.serve())
         stop = asyncio.ensure_future(signals.stop.wait())

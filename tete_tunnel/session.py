@@ -40,6 +40,7 @@ from tete_tunnel.errors import (
     LinkBroken,
     LocalFailure,
     PeerAborted,
+    PeerDeclined,
     PeerUnresponsive,
     PeerViolation,
     StreamReset,
@@ -564,6 +565,8 @@ class Session:
                     self._incoming_ready.set()
                     if self.conn.local_goaway:
                         self._finish_after_flush(None)
+                elif event.error_code == GoAwayCode.NOT_CONFIRMED:
+                    self._finish_after_flush(PeerDeclined())
                 else:
                     name = _GOAWAY_NAMES.get(event.error_code, "unknown")
                     self._finish_after_flush(

@@ -23,11 +23,12 @@ import contextlib
 import enum
 import logging
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from tete_tunnel import log as logmod
-from tete_tunnel.errors import Closed, LinkBroken, TeteError
+from tete_tunnel.errors import Closed, LinkBroken, NotConfirmed, PeerDeclined, TeteError
+from tete_tunnel.mux.errors import GoAwayCode
 from tete_tunnel.secure import SecureLink
 from tete_tunnel.session import Keepalive, Session, mux_config
 
@@ -138,10 +139,13 @@ async def supervise(
     timeout: float,  # noqa: ASYNC109  (the first link's deadline; later links have none)
     keepalive: Keepalive | None,
     stop: asyncio.Event | None = None,
+    confirm: Callable[[SecureLink], Awaitable[bool]] | None = None,
 ) -> Ending:
     """Run `app` over links from `connector` until it ends; see the module docstring.
 
-    `stop` stands for the signals when given (no handlers are installed then).
+    `stop` stands for the signals when given (no handlers are installed then). `confirm`
+    asks our user about the first link (its safety code) before the app may use it; False
+    ends the run with NotConfirmed, and the peer is told (GO_AWAY NOT_CONFIRMED).
     """
     loop = asyncio.get_running_loop()
     with Signals(stop) as signals:
@@ -156,9 +160,9 @@ async def supervise(
                 started = loop.time()
                 logmod.event(_connected(link))
                 try:
-                    return await _one_session(link, app, signals, keepalive, connector)
+                    return await _one_session(link, app, signals, keepalive, connector, confirm)
                 except LinkBroken as broken:
-                    if not app.reconnect:
+                    if not app.reconnect or isinstance(broken, PeerDeclined):
                         raise
                     log.warning("Reconnecting (%s)", broken)
                 try:
@@ -170,6 +174,9 @@ async def supervise(
                     link = await _until_stopped(signals, connector.connect(None))
                 except Interrupted:
                     return Ending.BY_US
+                # The first link fixed the peer, and our user confirmed it (or the run ended
+                # in _confirmed): later links are pinned to it.
+                confirm = None
         finally:
             await app.close()
             closing = getattr(connector, "aclose", None)
@@ -188,6 +195,7 @@ async def _one_session(
     signals: Signals,
     keepalive: Keepalive | None,
     connector: Connector,
+    confirm: Callable[[SecureLink], Awaitable[bool]] | None = None,
 ) -> Ending:
     """Run the app over one session; the session's end decides what this returns.
 
@@ -197,6 +205,8 @@ async def _one_session(
     """
     async with contextlib.AsyncExitStack() as sessions:
         session = await sessions.enter_async_context(_session(link, keepalive))
+        if confirm is not None:
+            await _confirmed(confirm, link, session, signals)
         work = asyncio.ensure_future(app.run(session, link))
         stop = asyncio.ensure_future(signals.stop.wait())
         upgrading = _upgrading(link, app, connector)
@@ -238,6 +248,44 @@ async def _one_session(
         if isinstance(error, TeteError):
             await session.close()
         raise error
+
+
+async def _confirmed(
+    confirm: Callable[[SecureLink], Awaitable[bool]],
+    link: SecureLink,
+    session: Session,
+    signals: Signals,
+) -> None:
+    """Ask our user about the link while its session runs (pings are answered, the peer's
+    go-away is seen) but before the app serves anything: the peer's streams wait unanswered.
+    Returns on a yes; otherwise the session ends and this raises why."""
+    asking = asyncio.ensure_future(confirm(link))
+    ended = asyncio.ensure_future(session.ended.wait())
+    stop = asyncio.ensure_future(signals.stop.wait())
+    try:
+        await asyncio.wait([asking, ended, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (asking, ended, stop):
+            task.cancel()
+        await asyncio.gather(asking, ended, stop, return_exceptions=True)
+    if asking.done() and not asking.cancelled() and asking.exception() is None:
+        if asking.result():
+            return
+        await session.close(GoAwayCode.NOT_CONFIRMED)
+        raise NotConfirmed(
+            "the safety code was not confirmed: the link was closed before any data went "
+            "through (verify the peer with --code or --peer-id)"
+        )
+    if isinstance(session.error, PeerDeclined):
+        raise session.error
+    if session.ended.is_set():
+        # Not a reason to link again: a new link would be pinned to this unconfirmed peer.
+        why = session.error.cause if session.error is not None else "the peer closed it"
+        raise NotConfirmed(f"the link was lost before the safety code was confirmed ({why})")
+    await session.close(GoAwayCode.CANCELLED)
+    if not asking.cancelled() and asking.exception() is not None:
+        raise asking.exception()  # type: ignore[misc]
+    raise Interrupted("interrupted before the safety code was confirmed")
 
 
 def _session(link: SecureLink, keepalive: Keepalive | None) -> Session:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import secrets
 import socket
 from dataclasses import dataclass, replace
@@ -123,11 +124,13 @@ class Control:
         self.sock.close()
 
 
-async def _connect_to(relay: rv.RelayAddress, local_port: int | None) -> socket.socket:
+async def connect_to(
+    relay: rv.RelayAddress, local_port: int | None, family: int = 0
+) -> socket.socket:
     """A TCP connection to the relay, from our punch port when given (so the relay sees the
-    public address our NAT gives that port)."""
+    public address our NAT gives that port); over `family` only when given."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM)
+    infos = await loop.getaddrinfo(relay.host, relay.port, family=family, type=socket.SOCK_STREAM)
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -148,7 +151,7 @@ async def _connect_to(relay: rv.RelayAddress, local_port: int | None) -> socket.
 
 
 async def open_control(relay: rv.RelayAddress, local_port: int) -> Control:
-    return Control(await _connect_to(relay, local_port), relay)
+    return Control(await connect_to(relay, local_port), relay)
 
 
 async def whoami(relays: tuple[rv.RelayAddress, ...], local_port: int) -> str:
@@ -158,7 +161,7 @@ async def whoami(relays: tuple[rv.RelayAddress, ...], local_port: int) -> str:
         try:
             control = await open_control(relay, local_port)
         except (OSError, TimeoutError) as exc:
-            errors.append(f"{relay}: {_why(exc)}")
+            errors.append(f"{relay}: {why(exc)}")
             continue
         try:
             await control.send({"op": "whoami"})
@@ -167,7 +170,7 @@ async def whoami(relays: tuple[rv.RelayAddress, ...], local_port: int) -> str:
             ip, port = rv.parse_address(observed.get("addr"))
             return rv.format_address(ip, port)
         except (OSError, TimeoutError, rv.RendezvousError) as exc:
-            errors.append(f"{relay}: {_why(exc)}")
+            errors.append(f"{relay}: {why(exc)}")
         finally:
             control.close()
     raise TeteError("no relay answered: " + "; ".join(errors))
@@ -287,7 +290,7 @@ class RelayConnector:
             )
             link = await self._link(control, auth)
         except (ConnectionError, OSError) as exc:
-            raise _Retry(f"the relay {control.relay} went away ({_why(exc)})") from exc
+            raise _Retry(f"the relay {control.relay} went away ({why(exc)})") from exc
         except BaseException:
             await self.aclose()
             raise
@@ -319,8 +322,8 @@ class RelayConnector:
             try:
                 control = await open_control(relay, self.config.local_port)
             except (OSError, TimeoutError) as exc:
-                errors.append(f"{relay}: {_why(exc)}")
-                log.info("relay %s: %s", relay, _why(exc))
+                errors.append(f"{relay}: {why(exc)}")
+                log.info("relay %s: %s", relay, why(exc))
                 continue
             try:
                 if nameplate is not None and not await self._allocate(control, nameplate):
@@ -341,7 +344,7 @@ class RelayConnector:
                 raise
             except (OSError, TimeoutError) as exc:
                 control.close()
-                errors.append(f"{relay}: {_why(exc)}")
+                errors.append(f"{relay}: {why(exc)}")
                 continue
             log.info("the relay %s sees us as %s", relay, observed.get("addr"))
             what = f"nameplate {name[3:]}" if name.startswith("np-") else "our pinned IDs"
@@ -421,7 +424,7 @@ class RelayConnector:
 
     async def _relayed(self, control: Control, auth: Auth, token: str) -> SecureLink:
         relay = control.relay
-        sock = await _connect_to(relay, None)
+        sock = await connect_to(relay, None)
         try:
             await asyncio.get_running_loop().sock_sendall(
                 sock, rv.encode({"op": "splice", "token": token})
@@ -455,7 +458,7 @@ class RelayConnector:
             raise _Retry(f"the peer met at the relay was dropped: {exc}") from exc
         except (OSError, TimeoutError, rv.RendezvousError) as exc:
             sock.close()
-            raise _Retry(f"relaying through {relay} failed ({_why(exc)})") from exc
+            raise _Retry(f"relaying through {relay} failed ({why(exc)})") from exc
         self.path = f"relayed via {relay}"
         return replace(link, path=self.path)
 
@@ -522,11 +525,12 @@ def _close(link: SecureLink) -> None:
         link.carrier.transport.abort()
 
 
-def _why(exc: BaseException) -> str:
+def why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer"
     if isinstance(exc, OSError) and exc.errno is not None:
-        return exc.strerror or errno.errorcode.get(exc.errno, str(exc))
+        # asyncio's sock_connect puts "Connect call failed (addr)" where strerror goes
+        return os.strerror(exc.errno) or errno.errorcode.get(exc.errno, str(exc))
     return str(exc) or type(exc).__name__
 
 

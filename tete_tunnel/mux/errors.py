@@ -12,6 +12,9 @@ class GoAwayCode(IntEnum):
     # Ours (docs/PROTOCOL.md): the sender ends the session without finishing its work (an
     # interrupted pipe); unlike NORMAL, it is no receipt for what the sender was sent.
     CANCELLED = 3
+    # Ours too: the sender's user did not confirm the safety code of an unverified link; the
+    # session ends before any stream was served, and the receiver must not link again.
+    NOT_CONFIRMED = 4
 
 
 class MuxError(Exception):
