@@ -6,9 +6,13 @@ usage errors); anything else is a bug, shown as one line too, with the traceback
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -16,8 +20,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 
-from tete_tunnel import __version__, eventloop
+import tete_tunnel
+from tete_tunnel import __version__, eventloop, status
 from tete_tunnel import log as logmod
 from tete_tunnel import rendezvous as rv
 from tete_tunnel.connector import DEFAULT_PORT, DEFAULT_TIMEOUT, DirectConnector, LinkConfig
@@ -38,7 +44,7 @@ app = typer.Typer(
     name="tete-tunnel",
     help="A private, authenticated TCP tunnel between two peers, through their NATs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -149,8 +155,28 @@ KeepaliveTimeout = Annotated[
 ]
 Verbose = Annotated[
     int,
-    typer.Option("-v", "--verbose", count=True, help="More detail on stderr; -vv for debugging."),
+    typer.Option(
+        "-v",
+        "--verbose",
+        count=True,
+        metavar="",
+        show_default=False,
+        help="More detail on stderr; -vv for debugging (a counter: -v, -vv).",
+    ),
 ]
+Quiet = Annotated[
+    bool,
+    typer.Option("-q", "--quiet", help="Print nothing on stderr but errors."),
+]
+# The end of every command's --help.
+EXIT_CODES = "Exit codes: 0 ok, 1 failure, 2 usage error."
+READY_FD_ENV = "TETE_TUNNEL_READY_FD"  # forward -f: the daemon writes "ready" there
+
+
+def _epilog(*examples: str) -> str:
+    """An Examples section (one paragraph per line, so none is run into the next)."""
+    lines = "\n\n".join(f"  {e}" for e in examples)
+    return f"Examples:\n\n{lines}\n\n{EXIT_CODES}"
 
 
 def _link_config(
@@ -224,8 +250,11 @@ def _keepalive(
     )
 
 
-def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine[Any, Any, None]:
-    """The work of a command that links to the peer: identity first, then the supervisor."""
+def _linked(
+    config: LinkConfig | ViaConfig, app: App, command: str, summary: bool = False
+) -> Coroutine[Any, Any, None]:
+    """The work of a command that links to the peer: identity first, then the supervisor.
+    `summary`: a summary line on stderr at the end (once a link was made)."""
     identity = load_or_create(config.identity_dir)  # a bad identity fails before the network
     log.info("our ID: %s", identity.id)
     connector: DirectConnector | RelayConnector
@@ -236,15 +265,48 @@ def _linked(config: LinkConfig | ViaConfig, app: App, command: str) -> Coroutine
         connector = DirectConnector(config, identity)
 
     async def work() -> None:
-        ending = await supervise(connector, app, timeout=config.timeout, keepalive=config.keepalive)
-        logmod.event(ending.value)
+        try:
+            ending = await supervise(
+                connector, app, timeout=config.timeout, keepalive=config.keepalive
+            )
+            logmod.event(ending.value)
+        finally:
+            if summary:
+                line = _summary(app, asyncio.get_running_loop().time())
+                if line is not None:
+                    log.warning("%s", line)
 
     return work()
 
 
-def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
+def _summary(app: App, now: float) -> str | None:
+    """`summary: 12.3 s, sent 10.0 MiB (10485760 B), received 12 B, 1 stream, direct`;
+    None before any link."""
+    started = getattr(app, "started_at", None)
+    if started is None:
+        return None
+
+    def amount(n: int) -> str:
+        return status.size(n) + (f" ({n} B)" if n >= 1024 else "")
+
+    sent, received, streams = (getattr(app, k) for k in ("sent", "received", "streams"))
+    return (
+        f"summary: {status.seconds(now - started)}, sent {amount(sent)}, received "
+        f"{amount(received)}, {streams} stream{'' if streams == 1 else 's'}, {app.path}"  # type: ignore[attr-defined]
+    )
+
+
+def _run(
+    verbose: int,
+    work: Callable[[], Coroutine[Any, Any, None] | None],
+    quiet: bool = False,
+    command: str = "",
+) -> None:
     """Run a command's work inside the error boundary and exit with its code."""
-    setup_logging(verbose)
+    if quiet and verbose:
+        raise typer.BadParameter("-q and -v contradict each other", param_hint="-q")
+    setup_logging(-1 if quiet else verbose)
+    status.enable(status.stderr_is_terminal() and not quiet)
     tune_malloc()
     try:
         coro = work()
@@ -255,7 +317,7 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
             print(safe_lines(traceback.format_exc()), end="", file=sys.stderr)
         log.error("error: %s", exc)
         if isinstance(exc, UsageError):
-            print("Try 'tete-tunnel --help' for help.", file=sys.stderr)
+            _help_hint(f"tete-tunnel {command}".strip())
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(1) from None
@@ -266,8 +328,12 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
         raise typer.Exit(1) from None
 
 
-@app.command("id")
-def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
+def _help_hint(command_path: str) -> None:
+    print(f"Try '{command_path} --help' for help.", file=sys.stderr)
+
+
+@app.command("id", epilog=_epilog("tete-tunnel id", "tete-tunnel id --identity ~/.tete-work"))
+def id_command(identity: IdentityDir = None, verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Print our ID (creating our identity on first use). The peer pins it with --peer-id."""
 
     def work() -> None:
@@ -275,10 +341,18 @@ def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
         logging.getLogger("tete_tunnel").info("identity file: %s", ident.path)
         print(ident.id)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "id")
 
 
-@app.command("pipe")
+@app.command(
+    "pipe",
+    epilog=_epilog(
+        "tar c mydir | tete-tunnel pipe --via relay.example.org       (prints a code to tell)",
+        "tete-tunnel pipe --via relay.example.org --code 7-purple-sausages | tar x",
+        "tete-tunnel pipe --peer-ip 203.0.113.7 --peer-id ID < file.iso",
+        "ssh -o ProxyCommand='tete-tunnel pipe -q --peer-ip 203.0.113.7 --peer-id ID' host",
+    ),
+)
 def pipe_command(
     peer_ip: PeerIp = None,
     via: Via = None,
@@ -292,13 +366,24 @@ def pipe_command(
     keepalive: KeepaliveFlag = False,
     keepalive_interval: KeepaliveInterval = None,
     keepalive_timeout: KeepaliveTimeout = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Bytes each way, rates and time on stderr, updated in place, like pv "
+            "(default: on when stderr is a terminal and stdout is not).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Send stdin to the peer and write the peer's bytes to stdout.
 
     Works in pipelines (tar c dir | tete-tunnel pipe ...) and as an ssh ProxyCommand.
     Exits 0 only when both directions ended in order and the peer confirmed it took all of
-    our data; a transfer cut short on either side exits 1 on both.
+    our data; a transfer cut short on either side exits 1 on both. At the end, a summary
+    line on stderr when it is a terminal, or with -v.
     """
     from tete_tunnel.pipe import PipeApp
 
@@ -307,12 +392,26 @@ def pipe_command(
         config = _link_config(
             peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
         )
-        return _linked(config, PipeApp(), "pipe")
+        terminal = status.stderr_is_terminal()
+        show = (terminal and not _isatty(1)) if progress is None else progress
+        if show and not quiet:
+            status.enable(True)  # --progress forces the status line, even into a file
+        app = PipeApp(progress=show and not quiet)
+        return _linked(config, app, "pipe", summary=(terminal or verbose > 0) and not quiet)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "pipe")
 
 
-@app.command("forward")
+@app.command(
+    "forward",
+    epilog=_epilog(
+        "tete-tunnel forward --via relay.example.org -L 8080:localhost:80   (prints a code)",
+        "tete-tunnel forward --via relay.example.org --code 7-purple-sausages",
+        "tete-tunnel forward --peer-ip 203.0.113.7 --peer-id ID -R 2222:localhost:22",
+        "tete-tunnel forward -f --pid-file tunnel.pid --peer-ip 203.0.113.7 --peer-id ID "
+        "-L 5432:db.internal:5432",
+    ),
+)
 def forward_command(
     peer_ip: PeerIp = None,
     via: Via = None,
@@ -384,6 +483,24 @@ def forward_command(
             rich_help_panel="Forwards",
         ),
     ] = DEFAULT_MAX_CONNECTIONS,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "-f",
+            "--background",
+            help="Go to the background once the link is up and every forward is set up "
+            "(like ssh -f); stderr stays where it was.",
+        ),
+    ] = False,
+    pid_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--pid-file",
+            metavar="FILE",
+            help="Write our process ID there once every forward is set up (with -f: the "
+            "background process's).",
+        ),
+    ] = None,
     my_ip: MyIp = None,
     lport: LPort = DEFAULT_PORT,
     rport: RPort = DEFAULT_PORT,
@@ -395,15 +512,20 @@ def forward_command(
     keepalive_interval: KeepaliveInterval = None,
     keepalive_timeout: KeepaliveTimeout = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Forward TCP ports ssh-style: -L here to there, -R there to here.
 
     With no -L or -R, only serves the peer's requests (within the access policy). Stays up
     when the link is lost: -L ports stay open and the link is made again (the same peer ID
-    is required); Ctrl-C on either side ends both.
+    is required); Ctrl-C on either side ends both. With -v, a summary line at exit.
     """
     from tete_tunnel.forward import Forwarder, parse_spec
     from tete_tunnel.policy import Policy, parse_pattern
+
+    if background:
+        _run(verbose, lambda: _background(sys.argv[1:]), quiet, "forward")
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
 
     def work() -> Coroutine[Any, Any, None]:
         if max_connections < 1:
@@ -418,17 +540,87 @@ def forward_command(
             keep_going=keep_going,
             reconnect=not no_reconnect,
             max_connections=max_connections,
+            on_ready=_on_ready(pid_file, int(ready_fd) if ready_fd else None),
         )
         alive = _keepalive(True, keepalive, keepalive_interval, keepalive_timeout)
         config = _link_config(
             peer_ip, my_ip, lport, rport, peer_id, code, identity, timeout, alive, via
         )
-        return _linked(config, forwarder, "forward")
+        return _linked(config, forwarder, "forward", summary=verbose > 0 and not quiet)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "forward")
 
 
-@app.command("relay")
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _on_ready(pid_file: Path | None, ready_fd: int | None) -> Callable[[], None] | None:
+    """What `forward` does once every forward is set up: write the pid file, and in the
+    background process of -f tell the waiting parent and let go of its stdout."""
+    if pid_file is None and ready_fd is None:
+        return None
+
+    def ready() -> None:
+        if pid_file is not None:
+            try:
+                pid_file.write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise TeteError(f"cannot write --pid-file {pid_file}: {exc.strerror}") from exc
+        if ready_fd is not None:
+            sys.stdout.flush()
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            # Whoever started us may wait for the end of our stdout: let go of it.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+
+    return ready
+
+
+def _background(args: list[str]) -> None:
+    """forward -f: run the same command, without -f, as a process in a session of its own;
+    return once it says it is ready, or exit with its code if it ends before (its stderr is
+    ours, so its error has been printed)."""
+    args = [a for a in args if a not in ("-f", "--background")]
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env[READY_FD_ENV] = str(write_fd)
+    # The same code as ours, whatever the current directory holds (-P: no cwd on sys.path).
+    here = str(Path(tete_tunnel.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-P", "-m", "tete_tunnel", *args],
+            stdin=subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as said:
+        try:
+            answer = said.read()
+        except KeyboardInterrupt:
+            child.terminate()
+            child.wait()
+            raise
+    if answer.startswith(b"ready"):
+        log.info("in the background as process %d", child.pid)
+        raise typer.Exit(0)
+    raise typer.Exit(child.wait() or 1)
+
+
+@app.command(
+    "relay",
+    epilog=_epilog("tete-tunnel relay", "tete-tunnel relay --listen 0.0.0.0:4001 -v"),
+)
 def relay_command(
     listen: Annotated[
         str,
@@ -466,6 +658,7 @@ def relay_command(
         ),
     ] = RelayLimits.upgrade_interval,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Run a rendezvous and relay server for peers that use --via.
 
@@ -486,10 +679,13 @@ def relay_command(
         )
         return run_relay(host, port, limits)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "relay")
 
 
-@app.command("whoami")
+@app.command(
+    "whoami",
+    epilog=_epilog("tete-tunnel whoami --via relay.example.org --lport 54312"),
+)
 def whoami_command(
     via: Annotated[
         str,
@@ -497,6 +693,7 @@ def whoami_command(
     ],
     lport: LPort = DEFAULT_PORT,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Print our public address as a relay sees it (the port our NAT gives --lport).
 
@@ -514,7 +711,7 @@ def whoami_command(
 
         return ask()
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "whoami")
 
 
 def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
@@ -531,12 +728,12 @@ def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
     return host, port
 
 
-@app.command("demo")
-def demo_command(verbose: Verbose = 0) -> None:
+@app.command("demo", epilog=_epilog("tete-tunnel demo"))
+def demo_command(verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Try it on this machine: two peers, a web page through -L, data through pipe."""
     from tete_tunnel.demo import run_demo
 
-    _run(verbose, run_demo)
+    _run(verbose, run_demo, quiet, "demo")
 
 
 def _version(value: bool) -> None:
@@ -555,4 +752,23 @@ def _main(
 
 
 def main() -> None:
-    app(prog_name="tete-tunnel")
+    """Run the command line; a usage error is one `error:` line and where to find help,
+    exit 2, the same as our own usage errors."""
+    from typer._click import exceptions as click_errors
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="tete-tunnel", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_errors.ClickException as exc:
+        setup_logging(0)
+        log.error("error: %s", exc.format_message())
+        if isinstance(exc, click_errors.UsageError):
+            ctx = exc.ctx
+            _help_hint(ctx.command_path if ctx is not None else "tete-tunnel")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

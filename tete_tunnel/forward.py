@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tete_tunnel import preamble
@@ -288,6 +289,15 @@ class Forwarder:
     _interrupted: asyncio.Event | None = None
     _sessions: int = 0
     _throttled: Throttled = field(default_factory=Throttled)
+    # Called once, when the first link is up and every forward is set up (-L listeners
+    # bound and announced, every -R answered): `forward -f` goes to the background then.
+    on_ready: Callable[[], None] | None = None
+    _unanswered: int = 0  # -R requests of the first session not answered yet
+    # For the summary at exit: what went through every session, and the last path.
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    streams: int = 0
+    path: str = ""
 
     async def prepare(self) -> None:
         """Bind the -L listeners before any link, so a taken port fails at once."""
@@ -300,7 +310,7 @@ class Forwarder:
                 except TeteError as exc:
                     if not self.keep_going:
                         raise
-                    log.warning("error: -L %s: %s (going on without it)", spec.text, exc)
+                    log.error("error: -L %s: %s (going on without it)", spec.text, exc)
                     continue
                 relay = Relay(
                     sock,
@@ -345,9 +355,14 @@ class Forwarder:
             asyncio.ensure_future(self._serve(session, streams)),
             asyncio.ensure_future(self._interrupted.wait()),
         }
-        for remote in self._remotes:
-            if not remote.given_up:
-                waiting.add(asyncio.ensure_future(self._request_remote(session, remote, first)))
+        requests = [r for r in self._remotes if not r.given_up]
+        for remote in requests:
+            waiting.add(asyncio.ensure_future(self._request_remote(session, remote, first)))
+        self.path = link.path or "direct"
+        if first:
+            self._unanswered = len(requests)
+            if not requests:
+                self._ready()
         try:
             while True:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -363,6 +378,9 @@ class Forwarder:
             await asyncio.gather(*waiting, *streams, return_exceptions=True)
             for relay in self.relays:
                 relay.detach(session)
+            self.bytes_sent += session.bytes_sent
+            self.bytes_received += session.bytes_received
+            self.streams += session.streams_opened
             self._controls.pop(id(session), None)
             for key in [k for k in self._remote_by_stream if k[0] == id(session)]:
                 del self._remote_by_stream[key]
@@ -391,6 +409,8 @@ class Forwarder:
                     print(f"Forwarding peer {where} -> {target}", flush=True)
                 remote.port = answer.port
                 self._controls.setdefault(id(session), []).append(control)
+                if first:
+                    self._answered()
                 return  # the control stream stays open: the peer listens while it is
             reason = answer.reason if isinstance(answer, preamble.Refuse) else repr(answer)
             del self._remote_by_stream[id(session), control.id]
@@ -401,7 +421,20 @@ class Forwarder:
         if first and not self.keep_going:
             raise TeteError(f"the peer refused -R {spec.text}: {reason}")
         remote.given_up = first
-        log.warning("error: the peer refused -R %s: %s (going on without it)", spec.text, reason)
+        log.error("error: the peer refused -R %s: %s (going on without it)", spec.text, reason)
+        if first:
+            self._answered()
+
+    def _answered(self) -> None:
+        """One -R request of the first session was answered; the last one means ready."""
+        self._unanswered -= 1
+        if self._unanswered == 0:
+            self._ready()
+
+    def _ready(self) -> None:
+        if self.on_ready is not None:
+            on_ready, self.on_ready = self.on_ready, None
+            on_ready()
 
     async def _listen_at_peer(
         self, session: Session, remote: _Remote

@@ -224,6 +224,11 @@ class RelayConnector:
     def describe(self) -> str:
         return self.path
 
+    def waiting_for(self) -> str:
+        """What a person waits for while we connect (the terminal's status line)."""
+        relays = ", ".join(str(r) for r in self.config.relays)
+        return f"the peer at the relay {relays}"
+
     async def aclose(self) -> None:
         if self.control is not None:
             self.control.close()
