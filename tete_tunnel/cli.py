@@ -524,7 +524,8 @@ def forward_command(
     from tete_tunnel.policy import Policy, parse_pattern
 
     if background:
-        _run(verbose, lambda: _background(sys.argv[1:]), quiet, "forward")
+        setup_logging(-1 if quiet else verbose)
+        _background(sys.argv[1:])  # returns only by exiting
     ready_fd = os.environ.pop(READY_FD_ENV, None)
 
     def work() -> Coroutine[Any, Any, None]:

@@ -294,10 +294,11 @@ class Forwarder:
     on_ready: Callable[[], None] | None = None
     _unanswered: int = 0  # -R requests of the first session not answered yet
     # For the summary at exit: what went through every session, and the last path.
-    bytes_sent: int = 0
-    bytes_received: int = 0
+    sent: int = 0
+    received: int = 0
     streams: int = 0
     path: str = ""
+    started_at: float | None = None  # loop time the first link came up
 
     async def prepare(self) -> None:
         """Bind the -L listeners before any link, so a taken port fails at once."""
@@ -360,6 +361,7 @@ class Forwarder:
             waiting.add(asyncio.ensure_future(self._request_remote(session, remote, first)))
         self.path = link.path or "direct"
         if first:
+            self.started_at = asyncio.get_running_loop().time()
             self._unanswered = len(requests)
             if not requests:
                 self._ready()
@@ -378,8 +380,8 @@ class Forwarder:
             await asyncio.gather(*waiting, *streams, return_exceptions=True)
             for relay in self.relays:
                 relay.detach(session)
-            self.bytes_sent += session.bytes_sent
-            self.bytes_received += session.bytes_received
+            self.sent += session.bytes_sent
+            self.received += session.bytes_received
             self.streams += session.streams_opened
             self._controls.pop(id(session), None)
             for key in [k for k in self._remote_by_stream if k[0] == id(session)]:
