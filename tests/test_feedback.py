@@ -364,6 +364,7 @@ def test_forward_f_goes_to_the_background_once_forwards_are_up(
         while _running(pid) and time.monotonic() < end:
             time.sleep(0.05)
         assert not _running(pid), "the background forward did not exit on SIGTERM"
+        assert not pid_file.exists(), "the pid file outlived its process"
         assert "Closed connection" in err.read_text()
     finally:
         for pid in _pids_with_arg(str(pid_file)):

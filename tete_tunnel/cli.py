@@ -549,7 +549,19 @@ def forward_command(
         )
         return _linked(config, forwarder, "forward", summary=verbose > 0 and not quiet)
 
-    _run(verbose, work, quiet, "forward")
+    try:
+        _run(verbose, work, quiet, "forward")
+    finally:
+        _remove_pid_file(pid_file)
+
+
+def _remove_pid_file(pid_file: Path | None) -> None:
+    """At exit, the pid file goes, if it still names us (not a later run's)."""
+    if pid_file is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if int(pid_file.read_text()) == os.getpid():
+            pid_file.unlink()
 
 
 def _isatty(fd: int) -> bool:
