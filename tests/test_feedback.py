@@ -7,13 +7,16 @@ terminal (the `pty` module) on stderr, and files otherwise. Every process is end
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pty
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from pathlib import Path
@@ -45,9 +48,13 @@ def _with_pty_stderr(
     stdout: int | None = None,
     timeout: float = 60,
     during: threading.Thread | None = None,
+    columns: int = 0,
 ) -> tuple[int, str]:
-    """Run the tool with a pseudo terminal as its stderr; its exit code and all it wrote."""
+    """Run the tool with a pseudo terminal as its stderr; its exit code and all it wrote.
+    `columns`: the terminal's width (0: unknown, as a fresh pty)."""
     master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     proc = subprocess.Popen(
         [*TOOL, *args],
         stdin=stdin if stdin is not None else subprocess.DEVNULL,
@@ -128,6 +135,15 @@ def test_waiting_line_counts_down_under_a_terminal(tmp_path: Path) -> None:
     before_error = err[: err.index(" error: ")]
     assert before_error.rstrip("0123456789/: ").endswith(ERASE), repr(err[-400:])
     _no_status_in_log_lines(err)
+
+
+def test_status_line_fits_the_terminal(tmp_path: Path) -> None:
+    """Cut to the terminal's width: a line that wraps could not be erased with a \\r."""
+    rc, err = _with_pty_stderr(_no_peer_args(tmp_path, "1.5"), tmp_path, columns=30)
+    assert rc == 1, err
+    shown = [part for part in err.split(ERASE) if part and " error: " not in part]
+    assert shown and all(len(part) <= 29 for part in shown), shown
+    assert "waiting for the peer" in shown[0]
 
 
 def test_no_waiting_line_in_a_pipeline(procs: Procs, tmp_path: Path) -> None:
@@ -441,6 +457,16 @@ def test_every_help_has_examples_and_exit_codes(command: str, tmp_path: Path) ->
 def test_completion_is_offered(tmp_path: Path) -> None:
     result = _run(["--help"], tmp_path)
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+    env = {
+        **env_without_config(tmp_path),
+        "_TETE_TUNNEL_COMPLETE": "complete_bash",
+        "COMP_WORDS": "tete-tunnel fo",
+        "COMP_CWORD": "1",
+    }
+    completed = subprocess.run(
+        [*TOOL], capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL
+    )
+    assert completed.stdout.split() == ["forward"], completed
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,14 @@ ERASE = "\r\x1b[K"
 MIN_INTERVAL = 0.25
 
 
+def _width() -> int:
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 200
+    return max(20, columns) if columns else 200  # 0: a terminal that has not said
+
+
 def stderr_is_terminal() -> bool:
     try:
         return os.isatty(sys.stderr.fileno())
@@ -39,7 +47,10 @@ class StatusLine:
         self.text = ""  # what is shown now ("" when nothing is)
 
     def show(self, text: str) -> None:
-        if not self.enabled or text == self.text:
+        if not self.enabled:
+            return
+        text = text[: _width() - 1]  # a line that wraps cannot be erased with \r
+        if text == self.text:
             return
         self.text = text
         self._write(ERASE + text)
