@@ -588,6 +588,7 @@ def _on_ready(pid_file: Path | None, ready_fd: int | None) -> Callable[[], None]
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
+            status.enable(False)  # in the background: no line redrawn over the shell's
             # Whoever started us may wait for the end of our stdout: let go of it.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
