@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import subprocess
 import sys
 import termios
 import traceback
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 
-from tete_tunnel import __version__, eventloop, peers
+import tete_tunnel
+from tete_tunnel import __version__, eventloop, peers, status
 from tete_tunnel import log as logmod
 from tete_tunnel import rendezvous as rv
 from tete_tunnel.connector import DEFAULT_PORT, DEFAULT_TIMEOUT, DirectConnector, LinkConfig
@@ -43,7 +46,7 @@ app = typer.Typer(
     name="tete-tunnel",
     help="A private, authenticated TCP tunnel between two peers, through their NATs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -185,8 +188,28 @@ KeepaliveTimeout = Annotated[
 ]
 Verbose = Annotated[
     int,
-    typer.Option("-v", "--verbose", count=True, help="More detail on stderr; -vv for debugging."),
+    typer.Option(
+        "-v",
+        "--verbose",
+        count=True,
+        metavar="",
+        show_default=False,
+        help="More detail on stderr; -vv for debugging (a counter: -v, -vv).",
+    ),
 ]
+Quiet = Annotated[
+    bool,
+    typer.Option("-q", "--quiet", help="Print nothing on stderr but errors."),
+]
+# The end of every command's --help.
+EXIT_CODES = "Exit codes: 0 ok, 1 failure, 2 usage error."
+READY_FD_ENV = "TETE_TUNNEL_READY_FD"  # forward -f: the daemon writes "ready" there
+
+
+def _epilog(*examples: str) -> str:
+    """An Examples section (one paragraph per line, so none is run into the next)."""
+    lines = "\n\n".join(f"  {e}" for e in examples)
+    return f"Examples:\n\n{lines}\n\n{EXIT_CODES}"
 
 
 def _link_config(
@@ -334,8 +357,10 @@ def _linked(
     app: App,
     command: str,
     confirm: Callable[[SecureLink], Awaitable[bool]] | None = None,
+    summary: bool = False,
 ) -> Coroutine[Any, Any, None]:
-    """The work of a command that links to the peer: identity first, then the supervisor."""
+    """The work of a command that links to the peer: identity first, then the supervisor.
+    `summary`: a summary line on stderr at the end (once a link was made)."""
     identity = load_or_create(config.identity_dir)  # a bad identity fails before the network
     log.info("our ID: %s", identity.id)
     connector: DirectConnector | RelayConnector
@@ -346,10 +371,16 @@ def _linked(
         connector = DirectConnector(config, identity)
 
     async def work() -> None:
-        ending = await supervise(
-            connector, app, timeout=config.timeout, keepalive=config.keepalive, confirm=confirm
-        )
-        logmod.event(ending.value)
+        try:
+            ending = await supervise(
+                connector, app, timeout=config.timeout, keepalive=config.keepalive, confirm=confirm
+            )
+            logmod.event(ending.value)
+        finally:
+            if summary:
+                line = _summary(app, asyncio.get_running_loop().time())
+                if line is not None:
+                    log.warning("%s", line)
 
     return work()
 
@@ -396,9 +427,34 @@ async def _confirm_on_terminal(link: SecureLink) -> bool:
     return answer.decode(errors="replace").strip().lower() in ("y", "yes")
 
 
-def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> None:
+def _summary(app: App, now: float) -> str | None:
+    """`summary: 12.3 s, sent 10.0 MiB (10485760 B), received 12 B, 1 stream, direct`;
+    None before any link."""
+    started = getattr(app, "started_at", None)
+    if started is None:
+        return None
+
+    def amount(n: int) -> str:
+        return status.size(n) + (f" ({n} B)" if n >= 1024 else "")
+
+    sent, received, streams = (getattr(app, k) for k in ("sent", "received", "streams"))
+    return (
+        f"summary: {status.seconds(now - started)}, sent {amount(sent)}, received "
+        f"{amount(received)}, {streams} stream{'' if streams == 1 else 's'}, {app.path}"  # type: ignore[attr-defined]
+    )
+
+
+def _run(
+    verbose: int,
+    work: Callable[[], Coroutine[Any, Any, None] | None],
+    quiet: bool = False,
+    command: str = "",
+) -> None:
     """Run a command's work inside the error boundary and exit with its code."""
-    setup_logging(verbose)
+    if quiet and verbose:
+        raise typer.BadParameter("-q and -v contradict each other", param_hint="-q")
+    setup_logging(-1 if quiet else verbose)
+    status.enable(status.stderr_is_terminal() and not quiet)
     tune_malloc()
     try:
         coro = work()
@@ -409,7 +465,7 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
             print(safe_lines(traceback.format_exc()), end="", file=sys.stderr)
         log.error("error: %s", exc)
         if isinstance(exc, UsageError):
-            print("Try 'tete-tunnel --help' for help.", file=sys.stderr)
+            _help_hint(f"tete-tunnel {command}".strip())
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(1) from None
@@ -420,8 +476,12 @@ def _run(verbose: int, work: Callable[[], Coroutine[Any, Any, None] | None]) -> 
         raise typer.Exit(1) from None
 
 
-@app.command("id")
-def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
+def _help_hint(command_path: str) -> None:
+    print(f"Try '{command_path} --help' for help.", file=sys.stderr)
+
+
+@app.command("id", epilog=_epilog("tete-tunnel id", "tete-tunnel id --identity ~/.tete-work"))
+def id_command(identity: IdentityDir = None, verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Print our ID (creating our identity on first use). The peer pins it with --peer-id."""
 
     def work() -> None:
@@ -429,10 +489,18 @@ def id_command(identity: IdentityDir = None, verbose: Verbose = 0) -> None:
         logging.getLogger("tete_tunnel").info("identity file: %s", ident.path)
         print(ident.id)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "id")
 
 
-@app.command("pipe")
+@app.command(
+    "pipe",
+    epilog=_epilog(
+        "tar c mydir | tete-tunnel pipe --via relay.example.org       (prints a code to tell)",
+        "tete-tunnel pipe --via relay.example.org --code 7-purple-sausages | tar x",
+        "tete-tunnel pipe --peer-ip 203.0.113.7 --peer-id ID < file.iso",
+        "ssh -o ProxyCommand='tete-tunnel pipe -q --peer-ip 203.0.113.7 --peer-id ID' host",
+    ),
+)
 def pipe_command(
     peer_ip: PeerIp = None,
     via: Via = None,
@@ -448,13 +516,24 @@ def pipe_command(
     keepalive: KeepaliveFlag = False,
     keepalive_interval: KeepaliveInterval = None,
     keepalive_timeout: KeepaliveTimeout = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Bytes each way, rates and time on stderr, updated in place, like pv "
+            "(default: on when stderr is a terminal and stdout is not).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Send stdin to the peer and write the peer's bytes to stdout.
 
     Works in pipelines (tar c dir | tete-tunnel pipe ...) and as an ssh ProxyCommand.
     Exits 0 only when both directions ended in order and the peer confirmed it took all of
-    our data; a transfer cut short on either side exits 1 on both.
+    our data; a transfer cut short on either side exits 1 on both. At the end, a summary
+    line on stderr when it is a terminal, or with -v.
     """
     from tete_tunnel.pipe import PipeApp
 
@@ -476,12 +555,26 @@ def pipe_command(
         config = _link_config(
             o.peer_ip, my_ip, o.lport, o.rport, o.peer_id, o.code, identity, timeout, alive, o.via
         )
-        return _linked(config, PipeApp(), "pipe")
+        terminal = status.stderr_is_terminal()
+        show = (terminal and not _isatty(1)) if progress is None else progress
+        if show and not quiet:
+            status.enable(True)  # --progress forces the status line, even into a file
+        app = PipeApp(progress=show and not quiet)
+        return _linked(config, app, "pipe", summary=(terminal or verbose > 0) and not quiet)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "pipe")
 
 
-@app.command("forward")
+@app.command(
+    "forward",
+    epilog=_epilog(
+        "tete-tunnel forward --via relay.example.org -L 8080:localhost:80   (prints a code)",
+        "tete-tunnel forward --via relay.example.org --code 7-purple-sausages",
+        "tete-tunnel forward --peer-ip 203.0.113.7 --peer-id ID -R 2222:localhost:22",
+        "tete-tunnel forward -f --pid-file tunnel.pid --peer-ip 203.0.113.7 --peer-id ID "
+        "-L 5432:db.internal:5432",
+    ),
+)
 def forward_command(
     peer_ip: PeerIp = None,
     via: Via = None,
@@ -566,6 +659,24 @@ def forward_command(
             rich_help_panel="Forwards",
         ),
     ] = None,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "-f",
+            "--background",
+            help="Go to the background once the link is up and every forward is set up "
+            "(like ssh -f); stderr stays where it was.",
+        ),
+    ] = False,
+    pid_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--pid-file",
+            metavar="FILE",
+            help="Write our process ID there once every forward is set up (with -f: the "
+            "background process's).",
+        ),
+    ] = None,
     my_ip: MyIp = None,
     lport: LPort = None,
     rport: RPort = None,
@@ -579,15 +690,21 @@ def forward_command(
     keepalive_interval: KeepaliveInterval = None,
     keepalive_timeout: KeepaliveTimeout = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Forward TCP ports ssh-style: -L here to there, -R there to here, -D a SOCKS proxy.
 
     With no -L, -R or -D, only serves the peer's requests (within the access policy). Stays up
     when the link is lost: -L and -D ports stay open and the link is made again (the same peer ID
-    is required); Ctrl-C on either side ends both.
+    is required); Ctrl-C on either side ends both. With -v, a summary line at exit.
     """
     from tete_tunnel.forward import Forwarder, parse_dynamic, parse_spec
     from tete_tunnel.policy import Policy, parse_pattern
+
+    if background:
+        setup_logging(-1 if quiet else verbose)
+        _background(sys.argv[1:])  # returns only by exiting
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
 
     def work() -> Coroutine[Any, Any, None]:
         profile = _load_profile(peer, config_dir)
@@ -629,6 +746,7 @@ def forward_command(
             keep_going=going,
             reconnect=not no_reconnect,
             max_connections=most,
+            on_ready=_on_ready(pid_file, int(ready_fd) if ready_fd else None),
         )
         for option, specs in (("-L", forwarder.local), ("-R", forwarder.remote)):
             seen: dict[tuple[str, int], str] = {}
@@ -646,14 +764,96 @@ def forward_command(
         )
         # Like ssh's question about an unknown host key: on a terminal, an unverified link
         # is served only once its user confirms the safety code (pipe's stdin is its data).
-        unverified = peer_id is None and code is None and via is None
+        unverified = o.peer_id is None and o.code is None and o.via is None
         confirm = _confirm_on_terminal if unverified and sys.stdin.isatty() else None
-        return _linked(config, forwarder, "forward", confirm)
+        return _linked(config, forwarder, "forward", confirm, summary=verbose > 0 and not quiet)
 
-    _run(verbose, work)
+    try:
+        _run(verbose, work, quiet, "forward")
+    finally:
+        _remove_pid_file(pid_file)
 
 
-@app.command("relay")
+def _remove_pid_file(pid_file: Path | None) -> None:
+    """At exit, the pid file goes, if it still names us (not a later run's)."""
+    if pid_file is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if int(pid_file.read_text()) == os.getpid():
+            pid_file.unlink()
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _on_ready(pid_file: Path | None, ready_fd: int | None) -> Callable[[], None] | None:
+    """What `forward` does once every forward is set up: write the pid file, and in the
+    background process of -f tell the waiting parent and let go of its stdout."""
+    if pid_file is None and ready_fd is None:
+        return None
+
+    def ready() -> None:
+        if pid_file is not None:
+            try:
+                pid_file.write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise TeteError(f"cannot write --pid-file {pid_file}: {exc.strerror}") from exc
+        if ready_fd is not None:
+            sys.stdout.flush()
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            status.enable(False)  # in the background: no line redrawn over the shell's
+            # Whoever started us may wait for the end of our stdout: let go of it.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+
+    return ready
+
+
+def _background(args: list[str]) -> None:
+    """forward -f: run the same command, without -f, as a process in a session of its own;
+    return once it says it is ready, or exit with its code if it ends before (its stderr is
+    ours, so its error has been printed)."""
+    args = [a for a in args if a not in ("-f", "--background")]
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env[READY_FD_ENV] = str(write_fd)
+    # The same code as ours, whatever the current directory holds (-P: no cwd on sys.path).
+    here = str(Path(tete_tunnel.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-P", "-m", "tete_tunnel", *args],
+            stdin=subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as said:
+        try:
+            answer = said.read()
+        except KeyboardInterrupt:
+            child.terminate()
+            child.wait()
+            raise
+    if answer.startswith(b"ready"):
+        log.info("in the background as process %d", child.pid)
+        raise typer.Exit(0)
+    raise typer.Exit(child.wait() or 1)
+
+
+@app.command(
+    "relay",
+    epilog=_epilog("tete-tunnel relay", "tete-tunnel relay --listen 0.0.0.0:4001 -v"),
+)
 def relay_command(
     listen: Annotated[
         str,
@@ -704,6 +904,7 @@ def relay_command(
         bool, typer.Option("--no-second-port", help="Listen on one port only.")
     ] = False,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Run a rendezvous and relay server for peers that use --via.
 
@@ -733,10 +934,13 @@ def relay_command(
             second = port + 1 if port else 0
         return run_relay(host, port, limits, second, second_default=second_port is None)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "relay")
 
 
-@app.command("whoami")
+@app.command(
+    "whoami",
+    epilog=_epilog("tete-tunnel whoami --via relay.example.org --lport 54312"),
+)
 def whoami_command(
     via: Annotated[
         str | None,
@@ -749,6 +953,7 @@ def whoami_command(
     ] = None,
     config_dir: ConfigDir = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Print our public address as a relay sees it (the port our NAT gives --lport).
 
@@ -777,7 +982,7 @@ def whoami_command(
 
         return ask()
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "whoami")
 
 
 peers_app = typer.Typer(
@@ -791,7 +996,13 @@ peers_app = typer.Typer(
 app.add_typer(peers_app)
 
 
-@peers_app.command("add")
+@peers_app.command(
+    "add",
+    epilog=_epilog(
+        "tete-tunnel peers add alice JWAV-DIXD-... --ip alice.example.org --port 40001",
+        "tete-tunnel peers add bob 7Q2M-... --via relay.example.org -L 2222:127.0.0.1:22",
+    ),
+)
 def peers_add_command(
     name: Annotated[str, typer.Argument(help="The name to use with --peer.")],
     peer_id: Annotated[str, typer.Argument(metavar="ID", help="The peer's ID.")],
@@ -828,6 +1039,7 @@ def peers_add_command(
     ] = False,
     config_dir: ConfigDir = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Save a peer under a name: then `pipe --peer NAME`, `forward --peer NAME`."""
 
@@ -852,11 +1064,13 @@ def peers_add_command(
         path = peers.add(profile, config_dir, replace=replace)
         log.warning("saved peer %r in %s", name, path)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "peers add")
 
 
-@peers_app.command("list")
-def peers_list_command(config_dir: ConfigDir = None, verbose: Verbose = 0) -> None:
+@peers_app.command("list", epilog=_epilog("tete-tunnel peers list"))
+def peers_list_command(
+    config_dir: ConfigDir = None, verbose: Verbose = 0, quiet: Quiet = False
+) -> None:
     """List the saved peers: name, ID, where to meet, forwards."""
 
     def work() -> None:
@@ -866,7 +1080,7 @@ def peers_list_command(config_dir: ConfigDir = None, verbose: Verbose = 0) -> No
         for profile in profiles.values():
             print("  ".join(_describe(profile)))
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "peers list")
 
 
 def _describe(profile: peers.Profile) -> list[str]:
@@ -883,11 +1097,12 @@ def _describe(profile: peers.Profile) -> list[str]:
     return words
 
 
-@peers_app.command("remove")
+@peers_app.command("remove", epilog=_epilog("tete-tunnel peers remove alice"))
 def peers_remove_command(
     name: Annotated[str, typer.Argument(help="The peer to forget.")],
     config_dir: ConfigDir = None,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Forget a saved peer."""
 
@@ -895,10 +1110,16 @@ def peers_remove_command(
         path = peers.remove(name, config_dir)
         log.warning("removed peer %r from %s", name, path)
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "peers remove")
 
 
-@app.command("netcheck")
+@app.command(
+    "netcheck",
+    epilog=_epilog(
+        "tete-tunnel netcheck --via relay.example.org",
+        "tete-tunnel netcheck --via relay.example.org:54320 --lport 40000",
+    ),
+)
 def netcheck_command(
     via: Annotated[
         str,
@@ -906,6 +1127,7 @@ def netcheck_command(
     ],
     lport: LPort = DEFAULT_PORT,
     verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """What our network means for a direct link: our public address, whether the NAT keeps
     our port and maps it the same for every destination, IPv6, and how far the relay is.
@@ -927,7 +1149,7 @@ def netcheck_command(
 
         return check()
 
-    _run(verbose, work)
+    _run(verbose, work, quiet, "netcheck")
 
 
 def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
@@ -944,12 +1166,12 @@ def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
     return host, port
 
 
-@app.command("demo")
-def demo_command(verbose: Verbose = 0) -> None:
+@app.command("demo", epilog=_epilog("tete-tunnel demo"))
+def demo_command(verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Try it on this machine: two peers, a web page through -L, data through pipe."""
     from tete_tunnel.demo import run_demo
 
-    _run(verbose, run_demo)
+    _run(verbose, run_demo, quiet, "demo")
 
 
 def _version(value: bool) -> None:
@@ -968,4 +1190,23 @@ def _main(
 
 
 def main() -> None:
-    app(prog_name="tete-tunnel")
+    """Run the command line; a usage error is one `error:` line and where to find help,
+    exit 2, the same as our own usage errors."""
+    from typer._click import exceptions as click_errors
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="tete-tunnel", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_errors.ClickException as exc:
+        setup_logging(0)
+        log.error("error: %s", exc.format_message())
+        if isinstance(exc, click_errors.UsageError):
+            ctx = exc.ctx
+            _help_hint(ctx.command_path if ctx is not None else "tete-tunnel")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -183,6 +183,10 @@ class DirectConnector:
             log.warning("%s now resolves to %s (was %s)", host, ip, self.config.peer_ip)
             self.config = dataclasses.replace(self.config, peer_ip=ip)
 
+    def waiting_for(self) -> str:
+        """What a person waits for while we connect (the terminal's status line)."""
+        return f"the peer at {endpoint(self.config.peer_ip, self.config.peer_port)}"
+
     async def connect(self, deadline: float | None) -> SecureLink:
         """An authenticated link; PunchError at `deadline` (loop clock; None: no limit).
 

@@ -455,6 +455,16 @@ class Forwarder:
     _interrupted: asyncio.Event | None = None
     _sessions: int = 0
     _throttled: Throttled = field(default_factory=Throttled)
+    # Called once, when the first link is up and every forward is set up (-L listeners
+    # bound and announced, every -R answered): `forward -f` goes to the background then.
+    on_ready: Callable[[], None] | None = None
+    _unanswered: int = 0  # -R requests of the first session not answered yet
+    # For the summary at exit: what went through every session, and the last path.
+    sent: int = 0
+    received: int = 0
+    streams: int = 0
+    path: str = ""
+    started_at: float | None = None  # loop time the first link came up
 
     async def prepare(self) -> None:
         """Bind the -L and -D listeners before any link, so a taken port fails at once."""
@@ -515,9 +525,15 @@ class Forwarder:
             asyncio.ensure_future(self._serve(session, streams)),
             asyncio.ensure_future(self._interrupted.wait()),
         }
-        for remote in self._remotes:
-            if not remote.given_up:
-                waiting.add(asyncio.ensure_future(self._request_remote(session, remote, first)))
+        requests = [r for r in self._remotes if not r.given_up]
+        for remote in requests:
+            waiting.add(asyncio.ensure_future(self._request_remote(session, remote, first)))
+        self.path = link.path or "direct"
+        if first:
+            self.started_at = asyncio.get_running_loop().time()
+            self._unanswered = len(requests)
+            if not requests:
+                self._ready()
         try:
             while True:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -533,6 +549,9 @@ class Forwarder:
             await asyncio.gather(*waiting, *streams, return_exceptions=True)
             for relay in self.relays:
                 relay.detach(session)
+            self.sent += session.bytes_sent
+            self.received += session.bytes_received
+            self.streams += session.streams_opened
             self._controls.pop(id(session), None)
             for key in [k for k in self._remote_by_stream if k[0] == id(session)]:
                 del self._remote_by_stream[key]
@@ -561,6 +580,8 @@ class Forwarder:
                     print(f"Forwarding peer {where} -> {target}", flush=True)
                 remote.port = answer.port
                 self._controls.setdefault(id(session), []).append(control)
+                if first:
+                    self._answered()
                 return  # the control stream stays open: the peer listens while it is
             reason = answer.reason if isinstance(answer, preamble.Refuse) else repr(answer)
             del self._remote_by_stream[id(session), control.id]
@@ -572,6 +593,19 @@ class Forwarder:
             raise TeteError(f"the peer refused -R {spec.text}: {reason}")
         remote.given_up = first
         log.warning("warning: the peer refused -R %s: %s (going on without it)", spec.text, reason)
+        if first:
+            self._answered()
+
+    def _answered(self) -> None:
+        """One -R request of the first session was answered; the last one means ready."""
+        self._unanswered -= 1
+        if self._unanswered == 0:
+            self._ready()
+
+    def _ready(self) -> None:
+        if self.on_ready is not None:
+            on_ready, self.on_ready = self.on_ready, None
+            on_ready()
 
     async def _listen_at_peer(
         self, session: Session, remote: _Remote

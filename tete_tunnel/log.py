@@ -3,6 +3,7 @@
 import logging
 import sys
 
+from tete_tunnel.status import status
 from tete_tunnel.text import safe, safe_lines
 
 LOGGER_NAME = "tete_tunnel"
@@ -10,13 +11,22 @@ log = logging.getLogger(LOGGER_NAME)
 
 
 def setup_logging(verbosity: int) -> None:
-    """-v shows progress (INFO), -vv debug detail; by default only the seed's lines and problems.
+    """-v shows progress (INFO), -vv debug detail; by default only the seed's lines and problems;
+    -q (verbosity -1) only errors.
 
     The seed's lines (Connected to peer!, Closed connection, Peer closed connection) are
     logged at WARNING so they show without -v, as they always did.
     """
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    level = (
+        logging.ERROR
+        if verbosity < 0
+        else logging.WARNING
+        if verbosity == 0
+        else logging.INFO
+        if verbosity == 1
+        else logging.DEBUG
+    )
+    handler = StatusAwareHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(message)s", "%Y/%m/%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -28,6 +38,14 @@ def setup_logging(verbosity: int) -> None:
     loop_log.handlers[:] = [handler]
     loop_log.setLevel(logging.DEBUG if verbosity >= 2 else logging.ERROR)
     loop_log.propagate = False
+
+
+class StatusAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Erases the terminal's status line (if one is shown) around each log line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with status.around_log():
+            super().emit(record)
 
 
 class Throttled:

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from tete_tunnel import log as logmod
-from tete_tunnel import preamble
+from tete_tunnel import preamble, status
 from tete_tunnel.errors import Closed, LinkBroken, StreamReset, TeteError, TransferAborted
 from tete_tunnel.mux.errors import GoAwayCode
 from tete_tunnel.secure import SecureLink
@@ -223,12 +223,16 @@ class PipeApp:
 
     reconnect = False
 
-    def __init__(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+    def __init__(self, stdin_fd: int = 0, stdout_fd: int = 1, progress: bool = False) -> None:
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
+        self.progress = progress  # the status line shows bytes and rates (stderr only)
         self._interrupted: asyncio.Event | None = None
         self.received = 0
         self.sent = 0
+        self.streams = 0
+        self.path = ""  # the link's path, once linked
+        self.started_at: float | None = None  # loop time the link came up
         self._last_received_at = 0.0  # loop time of the peer's latest data
 
     async def prepare(self) -> None:
@@ -243,6 +247,8 @@ class PipeApp:
 
     async def run(self, session: Session, link: SecureLink) -> Ending:
         assert self._interrupted is not None
+        self.path = link.path or "direct"
+        self.started_at = asyncio.get_running_loop().time()
         interrupted = asyncio.ensure_future(self._interrupted.wait())
         refuser: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stream: Stream | None = None
@@ -254,8 +260,13 @@ class PipeApp:
                 await asyncio.gather(opening, return_exceptions=True)
                 raise TransferAborted("interrupted before the transfer began")
             stream = opening.result()
+            self.streams = 1
             refuser = asyncio.ensure_future(_refuse_streams(session))  # after ours is taken
-            await self._transfer(stream, interrupted)
+            if self.progress:
+                async with status.ticking(self._progress_line(), status.MIN_INTERVAL):
+                    await self._transfer(stream, interrupted)
+            else:
+                await self._transfer(stream, interrupted)
         except BaseException:
             # Never a receipt for a transfer that did not complete: reset, CANCELLED.
             if stream is not None:
@@ -272,6 +283,28 @@ class PipeApp:
             return Ending.BY_US
         cause = f" ({session.error.cause})" if session.error is not None else ""
         raise TransferAborted(f"the peer did not confirm that it took all of our data{cause}")
+
+    def _progress_line(self) -> Callable[[], str]:
+        """pv's line: bytes each way with the rate over the last second or so, and time."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        last = [(start, 0, 0)]  # (time, sent, received), the last few samples
+
+        def render() -> str:
+            now = loop.time()
+            last.append((now, self.sent, self.received))
+            del last[:-5]  # ~1 s of samples at 4 a second
+            then, sent_then, received_then = last[0]
+            span = max(now - then, 1e-3)
+            up = (self.sent - sent_then) / span
+            down = (self.received - received_then) / span
+            return (
+                f"sent {status.size(self.sent)} ({status.size(up)}/s), "
+                f"received {status.size(self.received)} ({status.size(down)}/s), "
+                f"{status.seconds(now - start)}"
+            )
+
+        return render
 
     async def _transfer(self, stream: Stream, interrupted: asyncio.Future[bool]) -> None:
         """Both directions, until both have ended in order; raises on anything else."""

@@ -219,6 +219,7 @@ class Stream:
     # -- called by the session ----------------------------------------------------------
 
     def _data(self, data: bytes) -> None:
+        self._session.bytes_received += len(data)
         if self._discard:
             self.credit(len(data))
         elif self._consumer is not None:
@@ -318,6 +319,11 @@ class Session:
         self.ended = asyncio.Event()
         self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
         self.error: LinkBroken | None = None  # why the session ended, if not in order
+        # What went through, for the summary at the end of a command (stream payload,
+        # preambles included).
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.streams_opened = 0  # by either side
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -440,6 +446,7 @@ class Session:
         except LocalProtocolError as exc:
             raise TeteError(str(exc)) from exc
         stream = self._streams[stream_id] = Stream(self, stream_id)
+        self.streams_opened += 1
         self._schedule_flush()
         return stream
 
@@ -457,6 +464,7 @@ class Session:
             self._incoming_ready.clear()
             await self._incoming_ready.wait()
         stream = self._incoming.popleft()
+        self.streams_opened += 1
         if self.conn.terminated is None and stream.id in self.conn.stream_ids:
             self.conn.accept_stream(stream.id)
             self._schedule_flush()
@@ -472,6 +480,7 @@ class Session:
             self.conn.send(stream_id, data)
         except LocalProtocolError as exc:
             raise TeteError(f"cannot write: {exc}") from exc
+        self.bytes_sent += len(data)
         self._dirty.add(stream_id)
         self._schedule_flush()
 

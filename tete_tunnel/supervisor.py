@@ -13,7 +13,8 @@
 Signals (INT, TERM, HUP) are events here, never exceptions thrown into the middle of work:
 the app is asked to stop (`interrupt`), and the session is closed in order. The outcome is
 typed: an `Ending` for an orderly end, a `LinkBroken` subclass (or another TeteError) for a
-failure. Nothing here prints; the CLI reports.
+failure. Nothing here prints (but the terminal's status line while we wait for the peer);
+the CLI reports.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from tete_tunnel import log as logmod
+from tete_tunnel import status
 from tete_tunnel.errors import Closed, LinkBroken, NotConfirmed, PeerDeclined, TeteError
 from tete_tunnel.mux.errors import GoAwayCode
 from tete_tunnel.secure import SecureLink
@@ -152,7 +155,9 @@ async def supervise(
         try:
             await app.prepare()
             try:
-                link = await _until_stopped(signals, connector.connect(loop.time() + timeout))
+                deadline = loop.time() + timeout
+                async with _waiting(connector, deadline):
+                    link = await _until_stopped(signals, connector.connect(deadline))
             except Interrupted:
                 raise Interrupted("interrupted before the peer was connected") from None
             pause = FIRST_PAUSE
@@ -171,7 +176,8 @@ async def supervise(
                         pause = min(MAX_PAUSE, pause * 2)
                     else:
                         pause = FIRST_PAUSE
-                    link = await _until_stopped(signals, connector.connect(None))
+                    async with _waiting(connector, None):
+                        link = await _until_stopped(signals, connector.connect(None))
                 except Interrupted:
                     return Ending.BY_US
                 # The first link fixed the peer, and our user confirmed it (or the run ended
@@ -182,6 +188,21 @@ async def supervise(
             closing = getattr(connector, "aclose", None)
             if closing is not None:
                 await closing()
+
+
+def _waiting(connector: Connector, deadline: float | None) -> Any:
+    """The status line while we wait for the peer: what for, and the seconds left."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    describe = getattr(connector, "waiting_for", None)
+    what = describe() if describe is not None else "the peer"
+
+    def render() -> str:
+        if deadline is None:
+            return f"waiting for {what} ... {loop.time() - started:.0f} s"
+        return f"waiting for {what} ... {max(0, math.ceil(deadline - loop.time()))} s left"
+
+    return status.ticking(render, 0.5)
 
 
 def _connected(link: SecureLink) -> str:

@@ -233,6 +233,11 @@ class RelayConnector:
         port = self.config.local_port
         return hint + (f" --lport {port}" if port != DEFAULT_PORT else "")
 
+    def waiting_for(self) -> str:
+        """What a person waits for while we connect (the terminal's status line)."""
+        relays = ", ".join(str(r) for r in self.config.relays)
+        return f"the peer at the relay {relays}"
+
     async def aclose(self) -> None:
         if self.control is not None:
             self.control.close()
