@@ -90,25 +90,12 @@ TOOLS = {"socat": "socat TCP relay", "tete": "tete-tunnel relay"}
 # --------------------------------------------------------------------------------------
 
 
-async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))  # never past one message
-        if not chunk:
-            raise ConnectionError("the relay closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
 async def _recv(sock: socket.socket) -> dict[str, Any]:
     """The next message that is not a ping (pings are answered, as a peer does)."""
-    loop = asyncio.get_running_loop()
     while True:
-        length = rv.decode_length(await _recv_exactly(sock, 2))
-        message = rv.decode(await _recv_exactly(sock, length))
+        message = await rv.recv_message(sock, "the relay")
         if message["op"] == "ping":
-            await loop.sock_sendall(sock, rv.encode({"op": "pong"}))
+            await rv.send_message(sock, {"op": "pong"})
             continue
         if message["op"] == "error":
             raise ConnectionError(f"the relay said: {message.get('reason')}")
@@ -135,20 +122,19 @@ async def _connect(port: int) -> socket.socket:
 
 async def _peer_control(port: int, name: str) -> tuple[socket.socket, str]:
     """One peer's control connection, from join to the splice token."""
-    loop = asyncio.get_running_loop()
     sock = await _connect(port)
-    await loop.sock_sendall(sock, rv.encode({"op": "join", "name": name, "local": []}))
+    await rv.send_message(sock, {"op": "join", "name": name, "local": []})
     await _expect(sock, "observed")
     await _expect(sock, "paired")
     await _expect(sock, "punch")  # the relay measured our RTT on the way (ping/pong)
-    await loop.sock_sendall(sock, rv.encode({"op": "result", "direct": False}))
+    await rv.send_message(sock, {"op": "result", "direct": False})
     token = (await _expect(sock, "splice"))["token"]
     return sock, token
 
 
 async def _peer_data(port: int, token: str) -> socket.socket:
     sock = await _connect(port)
-    await asyncio.get_running_loop().sock_sendall(sock, rv.encode({"op": "splice", "token": token}))
+    await rv.send_message(sock, {"op": "splice", "token": token})
     await _expect(sock, "go")
     return sock
 

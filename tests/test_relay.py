@@ -763,14 +763,14 @@ class ThreadRelay:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.received = bytearray()
-        real = relay_module._recv_exactly
+        real = rv._recv_exactly  # every message the relay reads comes through here
 
-        async def recording(sock: socket.socket, n: int) -> bytes:
-            data = await real(sock, n)
+        async def recording(sock: socket.socket, n: int, sender: str) -> bytes:
+            data = await real(sock, n, sender)
             self.received += data
             return data
 
-        monkeypatch.setattr(relay_module, "_recv_exactly", recording)
+        monkeypatch.setattr(rv, "_recv_exactly", recording)
         self.server = relay_module.RelayServer()
         self.host, self.port = self.server.bind(LOOPBACK, 0)
         self.loop = asyncio.new_event_loop()

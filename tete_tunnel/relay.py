@@ -178,7 +178,7 @@ class RelayServer:
         try:
             try:
                 async with asyncio.timeout(self.limits.first_message_timeout):
-                    message = await _recv_message(sock)
+                    message = await rv.recv_message(sock)
             except (TimeoutError, OSError, rv.RendezvousError):
                 return
             finally:
@@ -188,7 +188,7 @@ class RelayServer:
                 answer: dict[str, Any] = {"op": "observed", "addr": rv.format_address(*addr)}
                 if self.second_port is not None:
                     answer["second_port"] = self.second_port
-                await _send(sock, answer)
+                await rv.send_message(sock, answer)
             elif op == "allocate":
                 keep = True
                 await self._allocate(sock, addr, message)
@@ -216,14 +216,14 @@ class RelayServer:
             proposal = message.get("nameplate")
             if proposal is not None:
                 if not isinstance(proposal, str) or not self._nameplate_free(proposal):
-                    await _send(sock, {"op": "error", "reason": "nameplate taken"})
+                    await rv.send_message(sock, {"op": "error", "reason": "nameplate taken"})
                     return
                 nameplate = proposal
             else:
                 nameplate = self._free_nameplate()
-            await _send(sock, {"op": "nameplate", "nameplate": nameplate})
+            await rv.send_message(sock, {"op": "nameplate", "nameplate": nameplate})
             async with asyncio.timeout(self.limits.first_message_timeout):
-                joined = await _recv_message(sock)
+                joined = await rv.recv_message(sock)
             if joined.get("op") != "join" or joined.get("name") != rv.name_for_nameplate(nameplate):
                 return
             await self._join(sock, addr, joined, allocated=True)
@@ -267,7 +267,7 @@ class RelayServer:
         local = [a for a in local[: rv.MAX_LOCAL_ADDRESSES] if _valid_address(a)]
         refusal = self._refusal(name, allocated)
         if refusal is not None:
-            await _send(sock, {"op": "error", "reason": refusal})
+            await rv.send_message(sock, {"op": "error", "reason": refusal})
             return
         member = _Member(sock, addr, local)
         meeting = self._names.setdefault(name, _Rendezvous(name))
@@ -275,7 +275,7 @@ class RelayServer:
         self._waiting += 1
         reader = asyncio.ensure_future(self._read_member(member))
         try:
-            await _send(sock, {"op": "observed", "addr": rv.format_address(*addr)})
+            await rv.send_message(sock, {"op": "observed", "addr": rv.format_address(*addr)})
             if len(meeting.members) == 2:
                 meeting.done = True
                 meeting.paired.set()
@@ -335,7 +335,7 @@ class RelayServer:
         CLOSED message, so whoever serves the pair learns it at once."""
         try:
             while True:
-                message = await _recv_message(member.sock)
+                message = await rv.recv_message(member.sock)
                 with contextlib.suppress(asyncio.QueueFull):  # a flood is dropped, not queued
                     member.inbox.put_nowait(message)
         except (OSError, rv.RendezvousError):
@@ -355,7 +355,7 @@ class RelayServer:
         a, b = meeting.members
         for me, other in ((a, b), (b, a)):
             peer = {"observed": rv.format_address(*other.observed), "local": other.local}
-            await _send(me.sock, {"op": "paired", "peer": peer})
+            await rv.send_message(me.sock, {"op": "paired", "peer": peer})
         await self._time_punch(a, b)
         reports = [asyncio.ensure_future(self._result(m, meeting)) for m in (a, b)]
         try:
@@ -370,7 +370,7 @@ class RelayServer:
         results = [r.result() for r in reports]
         if results == [True, True]:
             for member in (a, b):
-                await _send(member.sock, {"op": "direct"})
+                await rv.send_message(member.sock, {"op": "direct"})
             await self._linger(a, b, meeting, None)
             return
         slot = _SpliceSlot()
@@ -378,7 +378,7 @@ class RelayServer:
         self._slots[token] = slot
         try:
             for member in (a, b):
-                await _send(member.sock, {"op": "splice", "token": token})
+                await rv.send_message(member.sock, {"op": "splice", "token": token})
             await self._linger(a, b, meeting, slot)
         finally:
             self._slots.pop(token, None)
@@ -389,14 +389,14 @@ class RelayServer:
         once."""
         await asyncio.gather(self._measure(a), self._measure(b))
         far, near = (a, b) if a.rtt >= b.rtt else (b, a)
-        await _send(far.sock, {"op": "punch"})
+        await rv.send_message(far.sock, {"op": "punch"})
         await asyncio.sleep(max(0.0, (far.rtt - near.rtt) / 2))
-        await _send(near.sock, {"op": "punch"})
+        await rv.send_message(near.sock, {"op": "punch"})
 
     async def _measure(self, member: _Member) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await _send(member.sock, {"op": "ping"})
+        await rv.send_message(member.sock, {"op": "ping"})
         try:
             async with asyncio.timeout(PING_TIMEOUT):
                 while (message := await member.inbox.get()).get("op") != "pong":
@@ -489,13 +489,15 @@ class RelayServer:
         if self.sessions >= self.limits.max_sessions:
             for s in (first, second):
                 with contextlib.suppress(OSError):
-                    await _send(s, {"op": "error", "reason": "the relay is busy: try later"})
+                    await rv.send_message(
+                        s, {"op": "error", "reason": "the relay is busy: try later"}
+                    )
             return
         self.sessions += 1
         self.stats["relayed"] += 1
         try:
             for s in (first, second):
-                await _send(s, {"op": "go"})
+                await rv.send_message(s, {"op": "go"})
             self.stats["bytes"] += await join(first, second, self.limits)
         finally:
             self.sessions -= 1
@@ -703,26 +705,6 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 
 
 # -- wire helpers -----------------------------------------------------------------------------
-
-
-async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))  # never past this message
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _recv_message(sock: socket.socket) -> dict[str, Any]:
-    length = rv.decode_length(await _recv_exactly(sock, 2))
-    return rv.decode(await _recv_exactly(sock, length))
-
-
-async def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    await asyncio.get_running_loop().sock_sendall(sock, rv.encode(message))
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -1,4 +1,4 @@
-"""The rendezvous protocol between peers and a relay: pure encode/decode, names, relay choice.
+"""The rendezvous protocol between peers and a relay: encode/decode, names, relay choice.
 
 A relay never sees a secret. Peers meet there under a name:
 - pinned IDs (`--peer-id` on both sides): a hash of both fingerprints, which anyone who
@@ -14,10 +14,12 @@ object's "op" says what it is. See docs/PROTOCOL.md §10 for the exchange.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import json
 import re
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,28 @@ def decode(body: bytes) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise RendezvousError("rendezvous message without an op")
     return message
+
+
+async def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    await asyncio.get_running_loop().sock_sendall(sock, encode(message))
+
+
+async def recv_message(sock: socket.socket, sender: str = "the other end") -> dict[str, Any]:
+    """Exactly one message, and not a byte more: what follows it may not be ours to read
+    (on a data connection, the peer's HELLO right behind the relay's "go")."""
+    length = decode_length(await _recv_exactly(sock, 2, sender))
+    return decode(await _recv_exactly(sock, length, sender))
+
+
+async def _recv_exactly(sock: socket.socket, n: int, sender: str) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))  # never past this message
+        if not chunk:
+            raise ConnectionError(f"{sender} closed the connection")
+        buf += chunk
+    return bytes(buf)
 
 
 class Decoder:

@@ -90,7 +90,7 @@ class Control:
         self._messages: list[dict[str, Any]] = []
 
     async def send(self, message: dict[str, Any]) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, rv.encode(message))
+        await rv.send_message(self.sock, message)
 
     async def recv(self) -> dict[str, Any]:
         """The next message; RendezvousError for the relay's error, ConnectionError if gone."""
@@ -431,11 +431,9 @@ class RelayConnector:
         relay = control.relay
         sock = await connect_to(relay, None)
         try:
-            await asyncio.get_running_loop().sock_sendall(
-                sock, rv.encode({"op": "splice", "token": token})
-            )
+            await rv.send_message(sock, {"op": "splice", "token": token})
             async with asyncio.timeout(GO_WAIT):
-                go = await _recv_exactly_one(sock, relay)
+                go = await rv.recv_message(sock, f"the relay {relay}")
             if go["op"] == "error":
                 raise rv.RendezvousError(f"the relay {relay}: {go.get('reason')}")
             if go["op"] != "go":
@@ -489,23 +487,6 @@ class RelayConnector:
                 self.path = "direct"
                 await self.aclose()
                 return replace(link, path="direct")
-
-
-async def _recv_exactly_one(sock: socket.socket, relay: rv.RelayAddress) -> dict[str, Any]:
-    """One message and not a byte more: on a data connection the peer's HELLO may follow the
-    relay's "go" in the same segment, and belongs to the handshake."""
-    loop = asyncio.get_running_loop()
-
-    async def exactly(n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = await loop.sock_recv(sock, n - len(buf))
-            if not chunk:
-                raise ConnectionError(f"the relay {relay} closed the connection")
-            buf += chunk
-        return bytes(buf)
-
-    return rv.decode(await exactly(rv.decode_length(await exactly(2))))
 
 
 def _introduced(message: dict[str, Any]) -> _Peer:
