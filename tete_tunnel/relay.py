@@ -240,7 +240,7 @@ class RelayServer:
     def _free_nameplate(self) -> str:
         for digits in (1, 2, 3, 4, 5, 6):
             for _ in range(20):
-                nameplate = str(secrets.randbelow(9 * 10 ** (digits - 1)) + 10 ** (digits - 1))
+                nameplate = rv.random_nameplate(digits)
                 if self._nameplate_free(nameplate):
                     return nameplate
         raise rv.RendezvousError("no free nameplate")

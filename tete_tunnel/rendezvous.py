@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import secrets
 import socket
 import struct
 from dataclasses import dataclass
@@ -190,6 +191,11 @@ def nameplate_of(code: str) -> str:
             f"sees only that part), e.g. 7-purple-sausages; {code!r} does not"
         )
     return match.group(1).lstrip("0") or "0"
+
+
+def random_nameplate(digits: int) -> str:
+    """A nameplate of exactly `digits` digits (no leading zero), few to type."""
+    return str(secrets.randbelow(9 * 10 ** (digits - 1)) + 10 ** (digits - 1))
 
 
 def name_for_nameplate(nameplate: str) -> str:

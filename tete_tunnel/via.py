@@ -19,7 +19,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -312,7 +311,8 @@ class RelayConnector:
             assert control is not None
             return control
         for attempt in range(NAMEPLATE_PROPOSALS):
-            nameplate = _propose_nameplate(digits=2 if attempt < NAMEPLATE_PROPOSALS // 2 else 3)
+            # two digits first; the relay says if one is taken, then we propose another
+            nameplate = rv.random_nameplate(2 if attempt < NAMEPLATE_PROPOSALS // 2 else 3)
             control = await self._meet_at(rv.name_for_nameplate(nameplate), nameplate, deadline)
             if control is not None:
                 return control
@@ -499,11 +499,6 @@ def _introduced(message: dict[str, Any]) -> _Peer:
         with contextlib.suppress(rv.RendezvousError):
             local.append(rv.parse_address(text))
     return _Peer((unmapped(observed[0]), observed[1]), local)
-
-
-def _propose_nameplate(digits: int = 2) -> str:
-    """Few digits to type; the relay says if it is taken (then we propose another)."""
-    return str(secrets.randbelow(9 * 10 ** (digits - 1)) + 10 ** (digits - 1))
 
 
 def _close(link: SecureLink) -> None:
