@@ -475,7 +475,13 @@ def test_ssh_proxycommand_pipe_peer_percent_h(procs: Procs, tmp_path: Path) -> N
     import shutil
     import sys
 
-    from tests.test_pipe_endings import RECORDER, _end_recorded, _until, _wait_listening
+    from tests.test_pipe_endings import (
+        RECORDER,
+        _end_recorded,
+        _ssh_login,
+        _until,
+        _wait_listening,
+    )
 
     tools = {name: shutil.which(name) for name in ("ssh", "ssh-keygen", "socat")}
     tools["sshd"] = "/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None
@@ -536,21 +542,7 @@ def test_ssh_proxycommand_pipe_peer_percent_h(procs: Procs, tmp_path: Path) -> N
             f"{py} {recorder} {ours_log}.rc {ours_log}.err {pids} {py} -m tete_tunnel "
             f"pipe --peer %h --config-dir {ours} --identity {tmp_path / 'a'}"
         )
-        options = (
-            "StrictHostKeyChecking=no",
-            "UserKnownHostsFile=/dev/null",
-            "BatchMode=yes",
-            "LogLevel=ERROR",
-            f"ProxyCommand={proxy}",
-        )
-        ssh = procs.start(
-            ["-F", "/dev/null", "-i", str(keys / "client")]
-            + [arg for option in options for arg in ("-o", option)]
-            + ["root@friend", "echo hello; exit"],
-            command=[tools["ssh"]],
-            env=env,
-            name="ssh",
-        )
+        ssh = _ssh_login(procs, tools["ssh"], keys, env, proxy, "ssh")
         assert ssh.wait(60) == 0, ssh.err
         assert ssh.out == b"hello\n"
         assert socat.wait(30) == 0, socat.err

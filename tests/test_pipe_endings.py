@@ -496,6 +496,28 @@ def _end_recorded(pids_path: Path, marker: str) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _ssh_login(
+    procs: Procs, ssh: str, keys: Path, env: dict[str, str], proxy: str, name: str
+) -> Proc:
+    """`ssh root@friend 'echo hello; exit'` through ProxyCommand `proxy`, with the client key
+    in `keys`, no host-key checks and no config file."""
+    options = (
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+        "BatchMode=yes",
+        "LogLevel=ERROR",
+        f"ProxyCommand={proxy}",
+    )
+    return procs.start(
+        ["-F", "/dev/null", "-i", str(keys / "client")]
+        + [arg for option in options for arg in ("-o", option)]
+        + ["root@friend", "echo hello; exit"],
+        command=[ssh],
+        env=env,
+        name=name,
+    )
+
+
 def _wait_listening(port: int, server: Proc, timeout: float) -> None:
     end = time.monotonic() + timeout
     while True:
@@ -572,21 +594,7 @@ def test_ssh_proxycommand_recipe_three_logins(
                 env=env,
                 name=f"socat{login}",
             )
-            options = (
-                "StrictHostKeyChecking=no",
-                "UserKnownHostsFile=/dev/null",
-                "BatchMode=yes",
-                "LogLevel=ERROR",
-                f"ProxyCommand={our_pipe}",
-            )
-            ssh = procs.start(
-                ["-F", "/dev/null", "-i", str(keys / "client")]
-                + [arg for option in options for arg in ("-o", option)]
-                + ["root@friend", "echo hello; exit"],
-                command=[tools["ssh"]],
-                env=env,
-                name=f"ssh{login}",
-            )
+            ssh = _ssh_login(procs, tools["ssh"], keys, env, our_pipe, f"ssh{login}")
             rc_ssh = ssh.wait(60)
             rc_socat = socat.wait(30)
             # ssh does not wait for its ProxyCommand: its recorder writes the exit code.
