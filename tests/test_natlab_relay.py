@@ -305,6 +305,31 @@ print(n, digest.hexdigest(), flush=True)
 """
 
 
+def set_both_nats(lab: NatLab, *, random_fully: bool) -> None:
+    """Both NATs symmetric or port-preserving; the conntrack entries of connections between
+    the two (old punch attempts, a direct link) are forgotten, so their next packets are
+    mapped afresh, while the relay connections keep their mappings."""
+    for nat in ("natA", "natB"):
+        lab.set_nat(nat, random_fully=random_fully)
+    lab.forget_flows("natA", lab.bob_public)
+    lab.forget_flows("natB", lab.alice_public)
+
+
+def serve_file(lab: NatLab, procs: Procs, path: Path) -> tuple[Proc, int]:
+    """An HTTP server for one file in bob's namespace: the process and its port."""
+    srv = procs.start(
+        ["http", "0", str(path)], command=SERVERS, prefix=in_ns(lab, "bob"), name=f"srv-{path.name}"
+    )
+    return srv, int(wait_for_text(srv.out_path, "ready", 15).split()[1])
+
+
+def fetch_in_alice(lab: NatLab, procs: Procs, name: str, url: str, n: int = 1) -> list[str]:
+    """`n` downloads of `url` in alice's namespace: the SHA-256 of each."""
+    p = procs.start(["fetch", url, str(n)], command=SERVERS, prefix=in_ns(lab, "alice"), name=name)
+    assert p.wait(60) == 0, p.err
+    return p.out.decode().split()
+
+
 def test_relayed_forward_upgrades_to_direct(procs: Procs, tmp_path: Path) -> None:
     """A forward that had to be relayed moves to a direct path once one exists.
 
@@ -326,24 +351,16 @@ def test_relayed_forward_upgrades_to_direct(procs: Procs, tmp_path: Path) -> Non
     go = tmp_path / "go"
     code = new_code()
     with NatLab("drop") as lab:
-        lab.set_nat("natA", random_fully=True)
-        lab.set_nat("natB", random_fully=True)
+        set_both_nats(lab, random_fully=True)
         relay = start_relay(
             lab, procs, "--listen", f"{lab.wan_ip}:{RELAY_PORT}", "--upgrade-interval", "8"
         )
         via = f"{lab.wan_ip}:{RELAY_PORT}"
-        ports, servers = [], []
-        for name in ("small", "big"):
-            srv = procs.start(
-                ["http", "0", str(tmp_path / name)],
-                command=SERVERS,
-                prefix=in_ns(lab, "bob"),
-                name=f"srv-{name}",
-            )
-            ports.append(int(wait_for_text(srv.out_path, "ready", 15).split()[1]))
-            servers.append(srv)
+        (srv_small, port_small), (srv_big, port_big) = (
+            serve_file(lab, procs, tmp_path / n) for n in ("small", "big")
+        )
         fwd = ["forward", "--via", via, "--code", code]
-        tunnels = ["-L", f"8080:127.0.0.1:{ports[0]}", "-L", f"8081:127.0.0.1:{ports[1]}"]
+        tunnels = ["-L", f"8080:127.0.0.1:{port_small}", "-L", f"8081:127.0.0.1:{port_big}"]
         a = peer(lab, procs, tmp_path, "alice", [*fwd, "--lport", str(PORT_A), *tunnels])
         b = peer(lab, procs, tmp_path, "bob", [*fwd, "--lport", str(PORT_B)])
         relayed = f"Connected to peer! (relayed via {via})"
@@ -352,14 +369,7 @@ def test_relayed_forward_upgrades_to_direct(procs: Procs, tmp_path: Path) -> Non
         wait_for_text(a.out_path, "Forwarding 127.0.0.1:8081", 15)
 
         def fetch(name: str, n: int) -> list[str]:
-            p = procs.start(
-                ["fetch", "http://127.0.0.1:8080/small", str(n)],
-                command=SERVERS,
-                prefix=in_ns(lab, "alice"),
-                name=name,
-            )
-            assert p.wait(60) == 0, p.err
-            return p.out.decode().split()
+            return fetch_in_alice(lab, procs, name, "http://127.0.0.1:8080/small", n)
 
         assert fetch("fetch-relayed", 1) == [sha(small)]
         assert len(relayed_links(lab)) == 2  # alice's and bob's, spliced
@@ -371,10 +381,7 @@ def test_relayed_forward_upgrades_to_direct(procs: Procs, tmp_path: Path) -> Non
         )
         wait_for_text(slow.out_path, "started", 15)
 
-        lab.set_nat("natA", random_fully=False)
-        lab.set_nat("natB", random_fully=False)
-        lab.forget_flows("natA", lab.bob_public)
-        lab.forget_flows("natB", lab.alice_public)
+        set_both_nats(lab, random_fully=False)
         wait_for_text(a.err_path, "Upgraded to a direct connection", 25)
         wait_for_text(b.err_path, "Upgraded to a direct connection", 10)
         assert len(relayed_links(lab)) == 2  # still carrying the slow download
@@ -391,7 +398,7 @@ def test_relayed_forward_upgrades_to_direct(procs: Procs, tmp_path: Path) -> Non
         for p in (a, b):
             assert p.wait(15) == 0, p.err
         stats = stop_relay(relay)
-        for srv in servers:
+        for srv in (srv_small, srv_big):
             srv.signal(signal.SIGTERM)
             srv.wait(10)
     at_go, done = slow.out.decode().splitlines()[1:]
@@ -417,19 +424,12 @@ def test_an_upgraded_forward_falls_back_to_the_relay(procs: Procs, tmp_path: Pat
     (tmp_path / "small").write_bytes(small)
     code = new_code()
     with NatLab("drop") as lab:
-        lab.set_nat("natA", random_fully=True)
-        lab.set_nat("natB", random_fully=True)
+        set_both_nats(lab, random_fully=True)
         relay = start_relay(
             lab, procs, "--listen", f"{lab.wan_ip}:{RELAY_PORT}", "--upgrade-interval", "4"
         )
         via = f"{lab.wan_ip}:{RELAY_PORT}"
-        srv = procs.start(
-            ["http", "0", str(tmp_path / "small")],
-            command=SERVERS,
-            prefix=in_ns(lab, "bob"),
-            name="srv",
-        )
-        port = int(wait_for_text(srv.out_path, "ready", 15).split()[1])
+        srv, port = serve_file(lab, procs, tmp_path / "small")
         fwd = ["forward", "--via", via, "--code", code]
         fwd += ["--keepalive-interval", "1", "--keepalive-timeout", "4"]
         a = peer(
@@ -446,26 +446,13 @@ def test_an_upgraded_forward_falls_back_to_the_relay(procs: Procs, tmp_path: Pat
         wait_for_text(a.out_path, "Forwarding 127.0.0.1:8080", 15)
 
         def fetch(name: str) -> list[str]:
-            p = procs.start(
-                ["fetch", "http://127.0.0.1:8080/small", "1"],
-                command=SERVERS,
-                prefix=in_ns(lab, "alice"),
-                name=name,
-            )
-            assert p.wait(60) == 0, p.err
-            return p.out.decode().split()
+            return fetch_in_alice(lab, procs, name, "http://127.0.0.1:8080/small")
 
-        for nat in ("natA", "natB"):
-            lab.set_nat(nat, random_fully=False)
-        lab.forget_flows("natA", lab.bob_public)
-        lab.forget_flows("natB", lab.alice_public)
+        set_both_nats(lab, random_fully=False)
         wait_for_text(a.err_path, "Upgraded to a direct connection", 25)
         assert fetch("fetch-direct") == [sha(small)]
 
-        for nat in ("natA", "natB"):
-            lab.set_nat(nat, random_fully=True)
-        lab.forget_flows("natA", lab.bob_public)  # the direct link's mapping, too
-        lab.forget_flows("natB", lab.alice_public)
+        set_both_nats(lab, random_fully=True)  # the direct link's mapping is forgotten too
         started = time.monotonic()
         poll("a second relayed link", lambda: a.err.count(relayed) >= 2, 40)
         poll("a second relayed link", lambda: b.err.count(relayed) >= 2, 10)
