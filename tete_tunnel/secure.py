@@ -239,7 +239,8 @@ async def secure(
     """
     progress = progress if progress is not None else Progress()
     try:
-        return await _secure(sock, identity, auth, progress, arbiter)
+        # Without one shared with other handshakes, a fresh arbiter lets this one go on.
+        return await _secure(sock, identity, auth, progress, arbiter or Arbiter())
     except HandshakeError as exc:
         if progress.code_spent:
             raise CodeGuessFailed(WRONG_CODE.format(what=exc)) from exc
@@ -251,7 +252,7 @@ async def _secure(
     identity: Identity,
     auth: Auth,
     progress: Progress,
-    arbiter: Arbiter | None,
+    arbiter: Arbiter,
 ) -> SecureLink:
     my_fp = identity.fingerprint
     nonce = os.urandom(msg.NONCE_SIZE)
@@ -318,7 +319,7 @@ async def _secure(
     # code confirmation is sent on the other.
     server_side = my_fp > peer_fp
     if server_side:
-        async with _turn(arbiter, peer_fp) as go:
+        async with arbiter.turn(peer_fp) as go:
             if not go:
                 await _refuse(sock, msg.RefuseReason.DUPLICATE)
                 raise Duplicate("we link with the peer on another connection", "duplicate")
@@ -327,8 +328,7 @@ async def _secure(
             await _send(sock, my_finish)
             finish = await _recv_finish(sock, identity, peer_hello, key, peer_fp, transcript)
             link = await _tls_link(sock, identity, peer_der, peer_fp, server_side)
-            if arbiter is not None:
-                arbiter.linked(peer_fp)
+            arbiter.linked(peer_fp)
     else:
         try:
             finish = await _recv_finish(sock, identity, peer_hello, key, peer_fp, transcript)
@@ -347,15 +347,6 @@ async def _secure(
         mode=auth.mode,
         safety_code=safety_code(my_fp, nonce, peer_fp, finish.nonce),
     )
-
-
-def _turn(arbiter: Arbiter | None, peer_fp: bytes) -> contextlib.AbstractAsyncContextManager[bool]:
-    return arbiter.turn(peer_fp) if arbiter is not None else _always()
-
-
-@contextlib.asynccontextmanager
-async def _always() -> AsyncIterator[bool]:
-    yield True
 
 
 class _WrongConfirmation(HandshakeError):
