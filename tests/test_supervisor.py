@@ -294,3 +294,127 @@ def test_stop_before_any_link_is_interrupted_not_an_end(seconds: float) -> None:
     outcome = run(main())
     assert isinstance(outcome, Interrupted)
     assert "interrupted before the peer was connected" in str(outcome)
+
+
+class UpgradingConnector(PairConnector):
+    """A relayed first link, then a 'direct' one from a second network when upgrade() is
+    called; `late` seconds pass on this side between the direct link meeting and it being
+    ready (a handshake still finishing), so the other side retires the relayed session
+    first."""
+
+    def __init__(self, network: Network, direct: Network, name: str, late: float) -> None:
+        super().__init__(network, name)
+        self.direct, self.late = direct, late
+
+    async def connect(self, deadline: float | None) -> SecureLink:
+        link = await super().connect(deadline)
+        return SecureLink(**{**link.__dict__, "path": "relayed via test"})
+
+    async def upgrade(self) -> SecureLink:
+        if self.direct.rounds:
+            await asyncio.Future()  # one direct round per test: later links stay relayed
+        saved, self.network = self.network, self.direct
+        try:
+            link = await super().connect(None)
+        finally:
+            self.network = saved
+        try:
+            await asyncio.sleep(self.late)
+        except asyncio.CancelledError:
+            assert link.carrier.transport is not None
+            link.carrier.transport.abort()  # a handshake given up: its connection goes
+            raise
+        return SecureLink(**{**link.__dict__, "path": "direct"})
+
+
+@pytest.mark.parametrize("late_side", ["a", "b"])
+def test_the_side_that_finishes_the_upgrade_later_follows_the_peer(late_side: str) -> None:
+    """Regression (CI, test_an_upgraded_forward_falls_back_to_the_relay): the peer upgraded,
+    retired the relayed session (no streams: at once) and closed it, while our side of the
+    direct link was still finishing; we ended with "Peer closed connection" instead of
+    going on over the direct link. GO_AWAY(5) moved tells us to follow."""
+
+    async def main() -> tuple[list[bytes], Ending, Ending]:
+        net, direct = Network(), Network()
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.read())
+            await writer.drain()
+            writer.close()
+
+        target = await asyncio.start_server(echo, "127.0.0.1", 0)
+        target_port = target.sockets[0].getsockname()[1]
+        spec = parse_spec(f"0:127.0.0.1:{target_port}", "-L")
+        client_app = Forwarder(local=[spec], remote=[], policy=Policy())
+        server_app = Forwarder(local=[], remote=[], policy=Policy())
+        stop_a, stop_b = asyncio.Event(), asyncio.Event()
+        late = {"a": 0.0, "b": 0.0, late_side: 1.0}
+        connectors = {n: UpgradingConnector(net, direct, n, late[n]) for n in "ab"}
+        sa = asyncio.ensure_future(
+            supervise(connectors["a"], client_app, timeout=10, keepalive=None, stop=stop_a)
+        )
+        sb = asyncio.ensure_future(
+            supervise(connectors["b"], server_app, timeout=10, keepalive=None, stop=stop_b)
+        )
+
+        async def through(payload: bytes) -> bytes:
+            port = client_app.relays[0].sock.getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(payload)
+            writer.write_eof()
+            data = await reader.read()
+            writer.close()
+            return data
+
+        await direct.new_round.wait()
+        await asyncio.sleep(2.0)  # both sides' direct links are ready by now
+        assert not sa.done() and not sb.done(), (sa, sb)
+        # both sides retired and closed the relayed link: what goes through takes the direct one
+        assert [sock.fileno() for sock in net.rounds[0]] == [-1, -1]
+        got = [await through(b"after the upgrade")]
+        stop_a.set()
+        ending_a, ending_b = await asyncio.gather(sa, sb)
+        target.close()
+        return got, ending_a, ending_b
+
+    got, a, b = run(main())
+    assert got == [b"after the upgrade"]
+    assert (a, b) == (Ending.BY_US, Ending.BY_PEER)
+
+
+def test_a_move_the_late_side_cannot_follow_is_a_lost_link(monkeypatch) -> None:
+    """The peer retired the relayed session, but our side of the direct link never becomes
+    ready: after FOLLOW_WAIT we take the link as lost and reconnect (so does the peer, whose
+    direct link we abandon), rather than end or hang."""
+    from tete_tunnel import supervisor
+
+    monkeypatch.setattr(supervisor, "FOLLOW_WAIT", 0.5)
+
+    async def main() -> tuple[Ending, Ending, int]:
+        net, direct = Network(), Network()
+        apps = {n: Forwarder(local=[], remote=[], policy=Policy()) for n in "ab"}
+        stops = {n: asyncio.Event() for n in "ab"}
+        late = {"a": 3600.0, "b": 0.0}
+        tasks = {
+            n: asyncio.ensure_future(
+                supervise(
+                    UpgradingConnector(net, direct, n, late[n]),
+                    apps[n],
+                    timeout=10,
+                    keepalive=None,
+                    stop=stops[n],
+                )
+            )
+            for n in "ab"
+        }
+        await direct.new_round.wait()
+        while len(net.rounds) < 2:  # both come back relayed
+            net.new_round.clear()
+            await net.new_round.wait()
+        assert not any(t.done() for t in tasks.values())
+        stops["a"].set()
+        ending_a, ending_b = await asyncio.gather(tasks["a"], tasks["b"])
+        return ending_a, ending_b, len(net.rounds)
+
+    a, b, rounds = run(main())
+    assert (a, b, rounds) == (Ending.BY_US, Ending.BY_PEER, 2)

@@ -318,6 +318,7 @@ class Session:
         self._streams_gone = asyncio.Event()  # set when the last open stream goes
         self.ended = asyncio.Event()
         self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
+        self.peer_moved = False  # ... and said its work went on over a direct link (MOVED)
         self.error: LinkBroken | None = None  # why the session ended, if not in order
         # What went through, for the summary at the end of a command (stream payload,
         # preambles included).
@@ -569,7 +570,8 @@ class Session:
             elif isinstance(event, ev.PongReceived):
                 log.debug("pong: rtt %.2f ms", event.rtt * 1000)
             elif isinstance(event, ev.GoAwayReceived):
-                if event.error_code == GoAwayCode.NORMAL:
+                if event.error_code in (GoAwayCode.NORMAL, GoAwayCode.MOVED):
+                    self.peer_moved = event.error_code == GoAwayCode.MOVED
                     self.peer_closing.set()
                     self._incoming_ready.set()
                     if self.conn.local_goaway:

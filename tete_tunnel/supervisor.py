@@ -48,6 +48,9 @@ MAX_PAUSE = 5.0
 # After an upgrade to a direct link, the relayed session is closed once its streams have
 # ended (they finish there), or after this long at the most.
 RETIRE_LIMIT = 600.0
+# When the peer retires the relayed session (GO_AWAY MOVED) before our side of the direct
+# link is ready, how long we wait for it before taking the link as lost (and reconnecting).
+FOLLOW_WAIT = 20.0
 
 
 class Ending(enum.Enum):
@@ -236,7 +239,17 @@ async def _one_session(
             while True:
                 waiting = [work, stop, *([upgrading] if upgrading else [])]
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if upgrading is None or not upgrading.done() or work.done() or stop.done():
+                moved = upgrading is not None and work.done() and session.peer_moved
+                if moved and not upgrading.done() and not stop.done():
+                    # The peer's side of the direct link was ready before ours: follow it.
+                    await asyncio.wait(
+                        [upgrading, stop], timeout=FOLLOW_WAIT, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not upgrading.done() and not stop.done():
+                        raise LinkBroken("the peer moved to a direct link that did not reach us")
+                if upgrading is None or not upgrading.done() or stop.done():
+                    break
+                if work.done() and not moved:
                     break
                 direct = upgrading.result()
                 upgrading = None
@@ -325,4 +338,4 @@ async def _retire(session: Session) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(RETIRE_LIMIT):
             await session.no_streams()
-    await session.close()
+    await session.close(GoAwayCode.MOVED)  # the peer follows to the direct link

@@ -15,6 +15,9 @@ class GoAwayCode(IntEnum):
     # Ours too: the sender's user did not confirm the safety code of an unverified link; the
     # session ends before any stream was served, and the receiver must not link again.
     NOT_CONFIRMED = 4
+    # Ours too: the sender moved the session's work to a direct link to the same peer (an
+    # upgrade from a relay); the receiver follows instead of ending, as after NORMAL.
+    MOVED = 5
 
 
 class MuxError(Exception):
