@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -446,3 +447,35 @@ def test_tls_uses_the_bytes_checked_at_load_not_the_path_again(tmp_path: Path) -
     client.check_hostname = False
     client.load_verify_locations(cadata=ident.cert_der)
     assert tls_handshake(server, client) == ident.cert_der
+
+
+def test_loading_an_existing_identity_leaves_cryptography_unimported(tmp_path: Path) -> None:
+    """cryptography costs ~9 MiB for the life of a process: the usual identity file is
+    checked by OpenSSL alone (issue 13, memory at rest); creating one still uses it."""
+    directory = tmp_path / "id"
+    probe = (
+        "import sys; from pathlib import Path; from tete_tunnel.identity import load_or_create; "
+        f"i = load_or_create(Path({str(directory)!r})); "
+        "print(i.id, 'cryptography' in sys.modules)"
+    )
+    run = [sys.executable, "-c", probe]
+    env = env_without_config(tmp_path)
+    created = subprocess.run(run, capture_output=True, text=True, timeout=30, env=env)
+    loaded = subprocess.run(run, capture_output=True, text=True, timeout=30, env=env)
+    assert created.returncode == loaded.returncode == 0, created.stderr + loaded.stderr
+    new_id, created_imports = created.stdout.split()
+    same_id, loaded_imports = loaded.stdout.split()
+    assert new_id == same_id
+    assert (created_imports, loaded_imports) == ("True", "False")
+
+
+def test_the_quick_check_refuses_what_the_thorough_one_refuses(tmp_path: Path) -> None:
+    from tete_tunnel.identity import _parse_quickly, _parse_thoroughly
+
+    good = new_identity(tmp_path / "a")
+    key_a, cert_a = pem_parts(good)
+    _, cert_b = pem_parts(new_identity(tmp_path / "b"))
+    assert _parse_quickly(good, good.read_bytes()) == _parse_thoroughly(good, good.read_bytes())
+    assert _parse_quickly(good, key_a + cert_b) is None  # mismatch: the thorough parse says so
+    assert _parse_quickly(good, cert_a + key_a) is None
+    assert _parse_quickly(good, key_a) is None

@@ -24,14 +24,9 @@ import secrets
 import shlex
 import ssl
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import NameOID
 
 from tete_tunnel.errors import TeteError, UsageError
 
@@ -91,7 +86,7 @@ class Identity:
     def id(self) -> str:
         return format_id(self.fingerprint)
 
-    def load_into(self, ctx: ssl.SSLContext) -> None:
+    def load_into(self, ctx: ssl.SSLContext, password: Callable[[], str] | None = None) -> None:
         """`ctx.load_cert_chain` from the bytes checked at load, not from the path again.
 
         `load_cert_chain` only takes a path, so on Linux the bytes go into an anonymous
@@ -99,19 +94,24 @@ class Identity:
         """
         memfd_create = getattr(os, "memfd_create", None)
         if memfd_create is None or not os.path.isdir("/proc/self/fd"):
-            ctx.load_cert_chain(self.path)
+            ctx.load_cert_chain(self.path, password=password)
             return
         fd = memfd_create("tete-tunnel-identity", os.MFD_CLOEXEC)
         try:
             view = memoryview(self.pem)
             while view:
                 view = view[os.write(fd, view) :]
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}", password=password)
         finally:
             os.close(fd)
 
 
 def _new_identity_pem() -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
     key = ed25519.Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tete-tunnel")])
     now = datetime.datetime.now(datetime.UTC)
@@ -282,7 +282,48 @@ def _read_file(path: Path, dir_fd: int) -> bytes | None:
     return data
 
 
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+# DER prefixes: an Ed25519 SubjectPublicKeyInfo (in the certificate), a PKCS#8 Ed25519 key.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+_ED25519_PKCS8 = bytes.fromhex("302e020100300506032b657004220420")
+
+
 def _parse(path: Path, data: bytes) -> Identity:
+    return _parse_quickly(path, data) or _parse_thoroughly(path, data)
+
+
+def _parse_quickly(path: Path, data: bytes) -> Identity | None:
+    """The usual file (ours, as written) checked without importing cryptography, which
+    would cost ~9 MiB for the life of the process: OpenSSL loads it as the TLS context will,
+    refusing an encrypted key or one that does not match the certificate. None for anything
+    else; the thorough parse then names what is wrong."""
+    blocks = _PEM_BLOCK.findall(data)
+    if [kind for kind, _ in blocks] != [b"PRIVATE KEY", b"CERTIFICATE"]:
+        return None
+    try:
+        key_der, cert_der = (base64.b64decode(body) for _, body in blocks)
+    except ValueError:
+        return None
+    if not key_der.startswith(_ED25519_PKCS8) or _ED25519_SPKI not in cert_der:
+        return None
+    identity = Identity(path=path, cert_der=cert_der, pem=data)
+
+    def no_passphrase() -> str:
+        raise ValueError("encrypted")
+
+    try:
+        identity.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), password=no_passphrase)
+    except (ssl.SSLError, ValueError, OSError):
+        return None
+    return identity
+
+
+def _parse_thoroughly(path: Path, data: bytes) -> Identity:
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     try:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError as exc:

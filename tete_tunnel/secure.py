@@ -27,8 +27,6 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import spake2
-
 from tete_tunnel import hello as msg
 from tete_tunnel.carrier import Carrier
 from tete_tunnel.errors import AuthenticationError, HandshakeError
@@ -259,6 +257,8 @@ async def _secure(
     spake_state = None
     spake_out = b""
     if auth.code is not None:
+        import spake2  # only with a code: its tables cost memory for the life of the process
+
         spake_state = spake2.SPAKE2_Symmetric(auth.code.encode("utf-8"), idSymmetric=SPAKE_ID)
         spake_out = spake_state.start()
     my_hello = msg.encode_hello(
