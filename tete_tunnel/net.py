@@ -9,8 +9,6 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-import psutil
-
 from tete_tunnel.errors import TeteError, UsageError
 
 
@@ -53,6 +51,8 @@ def is_local_address(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     if addr.is_loopback or addr.is_unspecified:
         return True
+    import psutil  # here, not above: the few commands that need it pay its memory
+
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
             if a.family in (socket.AF_INET, socket.AF_INET6):
@@ -66,6 +66,8 @@ def is_local_address(ip: str) -> bool:
 
 def port_holder(port: int) -> str | None:
     """Name the process that holds a local TCP port, if the OS lets us see it."""
+    import psutil
+
     try:
         for conn in psutil.net_connections(kind="tcp"):
             if conn.laddr and conn.laddr.port == port and conn.pid:

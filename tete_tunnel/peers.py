@@ -24,13 +24,10 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 from tete_tunnel.errors import TeteError, UsageError
 from tete_tunnel.forward import parse_dynamic, parse_spec
@@ -210,6 +207,8 @@ def load(directory: Path | None = None) -> dict[str, Profile]:
     data = _read(path)
     if data is None:
         return {}
+    import tomllib  # only when a profile is read
+
     try:
         document = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -240,6 +239,8 @@ def save(profiles: dict[str, Profile], directory: Path | None = None) -> Path:
     path = peers_file(directory)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     document = {"peers": {name: p.to_toml() for name, p in sorted(profiles.items())}}
+    import tomli_w
+
     text = tomli_w.dumps(document)
     temporary = path.with_name(f".{PEERS_FILE}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

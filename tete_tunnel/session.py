@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import mmap
 import socket
 import struct
 from collections import deque
@@ -256,7 +257,9 @@ class _LinkProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._buffer = memoryview(bytearray(READ_BUFFER))
+        # Anonymous memory, not a bytearray (which is zero-filled, so all resident at once):
+        # a page costs memory only once a read has reached it.
+        self._buffer = memoryview(mmap.mmap(-1, READ_BUFFER))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer

@@ -24,8 +24,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from tete_tunnel import rendezvous as rv
 from tete_tunnel.connector import DEFAULT_PORT, Punch, _Drops, announce
 from tete_tunnel.errors import (
@@ -177,6 +175,8 @@ async def whoami(relays: tuple[rv.RelayAddress, ...], local_port: int) -> str:
 
 def local_addresses(family: socket.AddressFamily, port: int) -> list[str]:
     """Our own addresses (not loopback), for a peer behind the same NAT."""
+    import psutil  # only a relayed or rendezvous run lists interfaces
+
     out = []
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
