@@ -18,6 +18,9 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 def either_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the tool on the standard loop and on uvloop (the default when installed)."""
     if request.param == "uvloop":
-        pytest.importorskip("uvloop", reason="uvloop is not installed (pip install '.[fast]')")
+        pytest.importorskip(
+            "uvloop",
+            reason="uvloop is not installed (a default dependency on Linux and macOS CPython)",
+        )
     monkeypatch.setenv("TETE_TUNNEL_LOOP", request.param)
     return request.param

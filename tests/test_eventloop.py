@@ -30,7 +30,9 @@ def test_the_standard_loop_on_request(procs: Procs, tmp_path: Path) -> None:
 
 
 def test_uvloop_by_default_when_installed(procs: Procs, tmp_path: Path) -> None:
-    pytest.importorskip("uvloop", reason="uvloop is not installed (pip install '.[fast]')")
+    pytest.importorskip(
+        "uvloop", reason="uvloop is not installed (a default dependency on Linux and macOS CPython)"
+    )
     assert "event loop: uvloop" in _pipe_once(procs, tmp_path, None)
 
 

@@ -1,4 +1,4 @@
-"""Which event loop runs the tool: uvloop when it is installed (`tete-tunnel[fast]`).
+"""Which event loop runs the tool: uvloop (a dependency where it has wheels) when present.
 
 uvloop does the per-connection and per-read work of the loop in C; with it, short
 connections through a forward are markedly cheaper (see docs/PERFORMANCE.md). The standard
@@ -33,7 +33,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         if choice == "uvloop":
             raise UsageError(
-                f"{ENV}=uvloop, but uvloop is not installed (pip install 'tete-tunnel[fast]')"
+                f"{ENV}=uvloop, but uvloop is not installed (pip install uvloop)"
             ) from None
         return None
     return uvloop.new_event_loop
