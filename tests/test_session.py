@@ -418,3 +418,60 @@ def test_close_never_passes_an_abandoned_stream_off_as_complete() -> None:
                     pass
 
     run(main())
+
+
+def test_memory_goes_back_to_the_kernel_once_a_burst_is_over(monkeypatch) -> None:
+    """Issue 13, memory at rest: after RELEASE_AFTER bytes, RELEASE_IDLE seconds without
+    traffic release the heap once (and not again while nothing moves)."""
+    from tete_tunnel import session as session_module
+
+    monkeypatch.setattr(session_module, "RELEASE_IDLE", 1.0)
+    monkeypatch.setattr(session_module, "RELEASE_AFTER", 4 << 20)
+
+    async def main() -> tuple[int, int, int]:
+        async with session_pair() as (sa, sb):
+            s = sa.open_stream()
+            payload = os.urandom(6 << 20)
+            s.write(payload)
+            s.write_eof()
+            t = await sb.accept()
+            assert hashlib.sha256(await read_all(t)).digest() == hashlib.sha256(payload).digest()
+            during = sa.memory_releases, sb.memory_releases
+            for _ in range(200):  # idle: one release (within a second or two) ...
+                if sa.memory_releases:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2.5)  # ... and not another, with nothing more to give back
+            after = sa.memory_releases
+            t.write(b"a little")  # well under RELEASE_AFTER: no new release
+            t.write_eof()
+            assert await read_all(s) == b"a little"
+            await asyncio.sleep(2.5)
+            return sum(during), after, sa.memory_releases
+
+    during, after, later = run(main())
+    assert (during, after, later) == (0, 1, 1)
+
+
+def test_release_free_memory_shrinks_a_tuned_heap() -> None:
+    """With tune_malloc's thresholds glibc keeps freed buffers; the release gives them back."""
+    probe = """
+import os
+from tete_tunnel.malloc import release_free_memory, tune_malloc
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+assert tune_malloc()
+chunks = [bytearray(256 << 10) for _ in range(256)]  # 64 MiB on the heap, touched
+del chunks
+held = rss()
+release_free_memory()
+print(held - rss())
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 48 << 20

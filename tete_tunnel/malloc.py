@@ -4,6 +4,9 @@ By default glibc serves allocations over 128 KiB with mmap and returns freed mem
 kernel at once, so every large socket read or TLS record costs page faults and syscalls.
 Raising the mmap and trim thresholds keeps those buffers on the heap for reuse. Measured
 with 1 GiB through a -L forward on loopback: 113 -> 145 MB/s. A no-op without glibc.
+
+The price is that a burst leaves its buffers' memory with the process; `release_free_memory`
+gives it back, and the session calls it once traffic has stopped (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ MMAP_THRESHOLD = 32 << 20  # glibc's maximum for this setting on 64-bit is 32 Mi
 TRIM_THRESHOLD = 128 << 20
 
 log = logging.getLogger("tete_tunnel")
+_libc: ctypes.CDLL | None = None  # set by tune_malloc when glibc took the thresholds
 
 
 def tune_malloc() -> bool:
@@ -36,4 +40,14 @@ def tune_malloc() -> bool:
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
     log.debug("malloc thresholds raised: %s", ok)
+    if ok and hasattr(libc, "malloc_trim"):
+        global _libc
+        _libc = libc
     return ok
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the kernel (malloc_trim); a no-op unless
+    tune_malloc raised the thresholds, since glibc then no longer does it by itself."""
+    if _libc is not None:
+        _libc.malloc_trim(0)

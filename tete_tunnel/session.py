@@ -47,12 +47,17 @@ from tete_tunnel.errors import (
     StreamReset,
     TeteError,
 )
+from tete_tunnel.malloc import release_free_memory
 from tete_tunnel.mux import events as ev
 from tete_tunnel.mux.connection import Config, Connection
 from tete_tunnel.mux.errors import GoAwayCode, LocalProtocolError
 
 log = logging.getLogger("tete_tunnel")
 
+# Once RELEASE_AFTER bytes have moved since the last time, RELEASE_IDLE seconds without
+# traffic hand free heap memory back to the kernel (malloc.release_free_memory).
+RELEASE_AFTER = 8 << 20
+RELEASE_IDLE = 5.0
 READ_BUFFER = 1024 * 1024  # one TLS read lands here, and is parsed in place
 WRITE_BATCH = 512 * 1024  # bytes per transport write: large frames, full TLS records
 TRANSPORT_HIGH_WATER = 512 * 1024  # the link transport's buffer before we stop writing
@@ -328,6 +333,10 @@ class Session:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.streams_opened = 0  # by either side
+        # For _release_when_idle: bytes moved at the last timer tick, when they last changed,
+        # and at the last release.
+        self._moved, self._moved_when, self._moved_at_release = 0, 0.0, 0
+        self.memory_releases = 0
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -643,6 +652,20 @@ class Session:
             if self.conn.has_data_to_send():
                 self._schedule_flush()
             self._report_abuse(now)
+            self._release_when_idle(now)
+
+    def _release_when_idle(self, now: float) -> None:
+        """After a burst of traffic, once the link has been quiet for RELEASE_IDLE seconds,
+        give the memory its buffers used back to the kernel (malloc keeps it otherwise)."""
+        moved = self.bytes_sent + self.bytes_received
+        if moved != self._moved:
+            self._moved, self._moved_when = moved, now
+        elif moved - self._moved_at_release >= RELEASE_AFTER and now - self._moved_when >= (
+            RELEASE_IDLE
+        ):
+            self._moved_at_release = moved
+            self.memory_releases += 1
+            release_free_memory()
 
     def _report_abuse(self, now: float, final: bool = False) -> None:
         """One line per interval for opens we refused, however many there were (and one
