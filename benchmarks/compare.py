@@ -77,6 +77,12 @@ RTT_CONNS = 20
 # clean path's rate.
 RTT_LOSS_PERCENT = 1.0
 RTT_LOSS_BYTES = 64 << 20
+# On the long path the -L peer starts this long after the serving peer, as two people would
+# start them. Started together, their first SYNs crossed in 4 of 12 set-ups (none of 12 with
+# 1-3 s between them), and a crossed-SYN link keeps a wrong minimum RTT that holds BBR's
+# window down for 10 s (docs/PERFORMANCE.md): a row about flow control would measure that
+# race instead. Each round still logs the link's RTT state (link_rtt).
+RTT_PEER_STAGGER = 1.0
 
 # What --rows selects: a name runs one measurement, which fills these rows of the table
 # (a row's key names its measurement too).
@@ -903,13 +909,17 @@ class SocatTcp(Tunnel):
 
 
 class Tete(Tunnel):
-    """Two `tete-tunnel forward` peers with separate identities; -L on the client side."""
+    """Two `tete-tunnel forward` peers with separate identities; -L on the client side.
+
+    `stagger`: seconds between starting the serving peer and the -L peer (0: together).
+    """
 
     key, label = "tete", "tete-tunnel"
 
-    def __init__(self, site: Site, ids: dict[str, tuple[Path, str]]) -> None:
+    def __init__(self, site: Site, ids: dict[str, tuple[Path, str]], stagger: float = 0.0) -> None:
         super().__init__(site)
         self.ids = ids  # "a"/"b" -> (identity dir, ID)
+        self.stagger = stagger
 
     def start(self) -> float | None:
         self.port = free_port()
@@ -935,6 +945,8 @@ class Tete(Tunnel):
             self.procs.append(proc)
             assert proc.stdout is not None and proc.stderr is not None
             watchers.append((proc, LineWatcher(proc.stdout), LineWatcher(proc.stderr), me))
+            if me == "b" and self.stagger:
+                time.sleep(self.stagger)
         connected = [
             err.wait_for("Connected to peer!", proc, f"tete peer {me}")
             for proc, _, err, me in watchers
@@ -1264,7 +1276,11 @@ def _progress(rows: dict[str, Row], keys: list[str], tool: str) -> str:
 
 
 def make_tools(
-    site: Site, sshd: SshServer | None, assets: dict[str, Any], keys: list[str]
+    site: Site,
+    sshd: SshServer | None,
+    assets: dict[str, Any],
+    keys: list[str],
+    tete_stagger: float = 0.0,
 ) -> list[Tunnel]:
     made: dict[str, Tunnel] = {}
     if sshd is not None:
@@ -1276,7 +1292,7 @@ def make_tools(
         )
     made["socat-tls"] = SocatTls(site, assets["cert"], assets["key"])
     made["socat-tcp"] = SocatTcp(site)
-    made["tete"] = Tete(site, assets["ids"])
+    made["tete"] = Tete(site, assets["ids"], tete_stagger)
     return [made[k] for k in keys if k in made]
 
 
@@ -1722,7 +1738,7 @@ def rtt_phase(
                 sshd: SshServer | None = None
                 try:
                     sshd = start_sshd(site, lab / "sshd", plan, [r for r in (row, conns) if r])
-                    tools = make_tools(site, sshd, assets, plan.tools)
+                    tools = make_tools(site, sshd, assets, plan.tools, RTT_PEER_STAGGER)
                     for r, tool in rounds(tools, plan.runs):
                         log(f"{named.key} round {r + 1}/{plan.runs}: {tool.label}")
                         measure_rtt_round(tool, plan, row, conns, nbytes)
