@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import resource
 import selectors
 import shutil
@@ -71,6 +72,35 @@ BIG_TCP_BUFFERS = 64 << 20
 # Short connections over the long path: each costs ssh a channel-open round trip before
 # its data; a tete-tunnel stream carries its data with the open.
 RTT_CONNS = 20
+# The lossy long path: the same 100 ms with this share of packets lost at random each way
+# (default TCP limits), and a smaller transfer, since loss holds every tool far below the
+# clean path's rate.
+RTT_LOSS_PERCENT = 1.0
+RTT_LOSS_BYTES = 64 << 20
+# On the long path the -L peer starts this long after the serving peer, as two people would
+# start them. Started together, their first SYNs crossed in 4 of 12 set-ups (none of 12 with
+# 1-3 s between them), and a crossed-SYN link keeps a wrong minimum RTT that holds BBR's
+# window down for 10 s (docs/PERFORMANCE.md): a row about flow control would measure that
+# race instead. Each round still logs the link's RTT state (link_rtt).
+RTT_PEER_STAGGER = 1.0
+
+# What --rows selects: a name runs one measurement, which fills these rows of the table
+# (a row's key names its measurement too).
+ROW_GROUPS = {
+    "single": ["single", "single_cpu"],
+    "multi": ["multi", "multi_cpu"],
+    "seq": ["seq_rate", "seq_p50", "seq_p90", "seq_p99"],
+    "par": ["par_rate", "par_p50", "par_p90", "par_p99"],
+    "setup": ["setup"],
+    "rss_up": ["rss_up"],
+    "rss_idle": ["rss_idle", "pss_idle"],
+    "rtt": ["rtt"],
+    "rtt_conns": ["rtt_conns"],
+    "rtt_big": ["rtt_big"],
+    "rtt_loss": ["rtt_loss"],
+}
+RTT_GROUPS = ["rtt", "rtt_conns", "rtt_big", "rtt_loss"]
+LOOPBACK_GROUPS = [g for g in ROW_GROUPS if g not in RTT_GROUPS]
 
 HIGHER, LOWER = "higher", "lower"
 
@@ -587,13 +617,18 @@ def _veth(ends: list[tuple[str, str, str]]) -> None:
 
 @contextlib.contextmanager
 def nat_lab(
-    tmp: Path, delay_ms: int | None, userspace: bool = False, tcp_buffers: int | None = None
+    tmp: Path,
+    delay_ms: int | None,
+    userspace: bool = False,
+    tcp_buffers: int | None = None,
+    loss_percent: float = 0.0,
 ) -> Iterator[Site]:
     """Two namespaces joined by a veth pair, `delay_ms` of netem on each end (None: none).
 
     With `userspace` (no netem in this kernel), a third namespace routes between the two
     instead, through delayline.py: a TUN device whose packets are held `delay_ms` each way.
-    `tcp_buffers` raises the TCP buffer limits (tcp_rmem/tcp_wmem maximum) in both ends.
+    `tcp_buffers` raises the TCP buffer limits (tcp_rmem/tcp_wmem maximum) in both ends;
+    `loss_percent` loses that share of packets at random, each way.
     """
     tag = f"tb{os.getpid() % 100000}"
     ns_a, ns_b, ns_d = f"{tag}a", f"{tag}b", f"{tag}d"
@@ -609,14 +644,17 @@ def nat_lab(
             limits = [f"net.ipv4.tcp_{k}mem=4096 131072 {tcp_buffers}" for k in ("r", "w")]
             run_quiet(["ip", "netns", "exec", ns, "sysctl", "-qw", *limits])
         if userspace:
-            line = _start_delay_line(tmp, tag, (ns_a, ns_b, ns_d), (addr_a, addr_b), delay_ms)
+            spaces, addrs = (ns_a, ns_b, ns_d), (addr_a, addr_b)
+            line = _start_delay_line(tmp, tag, spaces, addrs, delay_ms, loss_percent)
         else:
             ends = [(ns_a, f"{tag}va", f"{addr_a}/24"), (ns_b, f"{tag}vb", f"{addr_b}/24")]
             _veth(ends)
+            loss = ["loss", f"{loss_percent:g}%"] if loss_percent else []
             for ns, dev, _ in ends if delay_ms is not None else []:
                 netem = ["tc", "qdisc", "add", "dev", dev, "root", "netem"]
                 run_quiet([
-                    "ip", "netns", "exec", ns, *netem, "delay", f"{delay_ms}ms", "limit", "100000"
+                    "ip", "netns", "exec", ns, *netem, "delay", f"{delay_ms}ms", *loss,
+                    "limit", "100000",
                 ])  # fmt: skip
         site = Site("nat-lab", ns_a, ns_b, addr_a, addr_b, "0.0.0.0", tmp)
         site.start_sink()
@@ -635,7 +673,12 @@ def nat_lab(
 
 
 def _start_delay_line(
-    tmp: Path, tag: str, spaces: tuple[str, str, str], addrs: tuple[str, str], delay_ms: int | None
+    tmp: Path,
+    tag: str,
+    spaces: tuple[str, str, str],
+    addrs: tuple[str, str],
+    delay_ms: int | None,
+    loss_percent: float = 0.0,
 ) -> subprocess.Popen[bytes]:
     """A -- D -- B: D forwards, its policy rules sending A's and B's packets through the line."""
     ns_a, ns_b, ns_d = spaces
@@ -651,6 +694,8 @@ def _start_delay_line(
         sys.executable, str(DELAYLINE), "--delay-ms", str(delay_ms or 0), "--dev", f"{tag}dl",
         "--iif", f"{tag}da", "--iif", f"{tag}db",
     ]  # fmt: skip
+    if loss_percent:
+        cmd += ["--loss-percent", f"{loss_percent:g}"]
     with open(tmp / "delayline.log", "wb") as err:
         line = PROCS.start(cmd, netns=ns_d, stdout=subprocess.PIPE, stderr=err)
     assert line.stdout is not None
@@ -864,13 +909,17 @@ class SocatTcp(Tunnel):
 
 
 class Tete(Tunnel):
-    """Two `tete-tunnel forward` peers with separate identities; -L on the client side."""
+    """Two `tete-tunnel forward` peers with separate identities; -L on the client side.
+
+    `stagger`: seconds between starting the serving peer and the -L peer (0: together).
+    """
 
     key, label = "tete", "tete-tunnel"
 
-    def __init__(self, site: Site, ids: dict[str, tuple[Path, str]]) -> None:
+    def __init__(self, site: Site, ids: dict[str, tuple[Path, str]], stagger: float = 0.0) -> None:
         super().__init__(site)
         self.ids = ids  # "a"/"b" -> (identity dir, ID)
+        self.stagger = stagger
 
     def start(self) -> float | None:
         self.port = free_port()
@@ -896,6 +945,8 @@ class Tete(Tunnel):
             self.procs.append(proc)
             assert proc.stdout is not None and proc.stderr is not None
             watchers.append((proc, LineWatcher(proc.stdout), LineWatcher(proc.stderr), me))
+            if me == "b" and self.stagger:
+                time.sleep(self.stagger)
         connected = [
             err.wait_for("Connected to peer!", proc, f"tete peer {me}")
             for proc, _, err, me in watchers
@@ -962,6 +1013,12 @@ class Plan:
     idle_streams: int
     rtt_bytes: int
     tools: list[str]
+    # The measurements to run (ROW_GROUPS' names); the table shows only their rows.
+    groups: list[str] = dataclasses.field(default_factory=lambda: list(ROW_GROUPS))
+
+    def wants(self, *row_keys: str) -> bool:
+        """Whether any of these rows is to be measured."""
+        return any(k in ROW_GROUPS[g] for g in self.groups for k in row_keys)
 
 
 def _size(n: int) -> str:
@@ -1019,6 +1076,14 @@ def make_rows(plan: Plan) -> dict[str, Row]:
             HIGHER,
             0,
         ),
+        Row(
+            "rtt_loss",
+            f"  same path, {RTT_LOSS_PERCENT:g}% random loss each way, 1 stream, "
+            f"{_size(min(plan.rtt_bytes, RTT_LOSS_BYTES))}",
+            "MB/s",
+            HIGHER,
+            0,
+        ),
     ]
     return {r.key: r for r in rows}
 
@@ -1048,6 +1113,8 @@ def measure_round(tool: Tunnel, plan: Plan, rows: dict[str, Row]) -> None:
             time.sleep(0.05)
 
     def attempt(name: str, rows_hit: list[str], fn: Callable[[], None]) -> None:
+        if not plan.wants(*rows_hit):
+            return
         if not tool.alive():
             raise BenchError(f"{tool.label} is no longer running")
         tried.update(rows_hit)
@@ -1068,7 +1135,7 @@ def measure_round(tool: Tunnel, plan: Plan, rows: dict[str, Row]) -> None:
             setup = tool.start()
         except BenchError as exc:
             for r in rows.values():
-                if r.key != "rtt":
+                if not r.key.startswith("rtt"):
                     r.failures.setdefault(key, []).append(f"start: {exc}")
             log(f"    start: FAILED: {exc}")
             return
@@ -1136,23 +1203,31 @@ def measure_round(tool: Tunnel, plan: Plan, rows: dict[str, Row]) -> None:
         attempt("parallel conns", par, echo("par", plan.par_conns, PARALLEL))
     except BenchError as exc:  # the tool died: the rest of this round is lost
         for r in rows.values():
-            if r.key not in tried and r.key != "rtt":
+            if r.key not in tried and not r.key.startswith("rtt"):
                 r.failures.setdefault(key, []).append(str(exc))
         log(f"    FAILED: {exc}")
     finally:
         tool.stop()
 
 
-def measure_rtt_round(tool: Tunnel, plan: Plan, row: Row, conns: Row | None = None) -> None:
-    """One stream's throughput over the long path; with `conns`, short connections too."""
+def measure_rtt_round(
+    tool: Tunnel, plan: Plan, row: Row | None, conns: Row | None = None, nbytes: int = 0
+) -> None:
+    """One stream's throughput over the long path (into `row`, `nbytes`); with `conns`,
+    short connections too."""
+    nbytes = nbytes or plan.rtt_bytes
     try:
         tool.start()
-        args = ["stream", str(tool.port), str(plan.rtt_bytes), "1"]
-        result = tool.site.client(args, _client_timeout(plan.rtt_bytes) * 4)
-        row.values.setdefault(tool.key, []).append(result["bytes"] / result["seconds"] / 1e6)
-        log(f"    long RTT: {row.values[tool.key][-1]:.0f} MB/s")
+        if isinstance(tool, Tete):
+            log(f"    link: {link_rtt(tool.site)}")
+        if row is not None:
+            args = ["stream", str(tool.port), str(nbytes), "1"]
+            result = tool.site.client(args, _client_timeout(nbytes) * 4)
+            row.values.setdefault(tool.key, []).append(result["bytes"] / result["seconds"] / 1e6)
+            log(f"    long RTT: {row.values[tool.key][-1]:.0f} MB/s")
     except BenchError as exc:
-        row.failures.setdefault(tool.key, []).append(str(exc))
+        if row is not None:
+            row.failures.setdefault(tool.key, []).append(str(exc))
         log(f"    long RTT: FAILED: {exc}")
     else:
         if conns is not None:
@@ -1168,6 +1243,29 @@ def measure_rtt_round(tool: Tunnel, plan: Plan, row: Row, conns: Row | None = No
         tool.stop()
 
 
+def link_rtt(site: Site) -> str:
+    """The punched connection's RTT state as its kernel sees it (`ss -ti`), for the log.
+
+    When both peers' SYNs cross (a simultaneous open), the kernel takes the RTT of its first
+    sample from its SYN-ACK, sent when the peer's SYN arrived, so the sample is only part of
+    the round trip (the two sides' samples add up to it). TCP keeps that minimum RTT for
+    minutes and BBR for 10 s, during which its congestion window stays far too small
+    (docs/PERFORMANCE.md, "The stuck congestion window"). A min RTT far below the path's
+    flags such a run.
+    """
+    out = run_quiet(
+        ["ip", "netns", "exec", str(site.client_ns), "ss", "-tinH", "dst", site.server_addr],
+        check=False,
+    ).stdout
+    found = {k: re.search(rf"\b{k}:([0-9.]+)", out) for k in ("rtt", "minrtt")}
+    cc = next((c for c in ("bbr", "cubic", "reno") if f" {c} " in f" {out} "), "?")
+    if not all(found.values()):
+        return "no TCP info"
+    srtt, minrtt = (float(m.group(1)) for m in found.values() if m is not None)
+    flag = "  <- min RTT from a simultaneous open" if minrtt < 0.8 * RTT_DELAY_MS * 2 else ""
+    return f"{cc}, srtt {srtt:.1f} ms, min RTT {minrtt:.1f} ms{flag}"
+
+
 def _progress(rows: dict[str, Row], keys: list[str], tool: str) -> str:
     parts = []
     for k in keys:
@@ -1178,7 +1276,11 @@ def _progress(rows: dict[str, Row], keys: list[str], tool: str) -> str:
 
 
 def make_tools(
-    site: Site, sshd: SshServer | None, assets: dict[str, Any], keys: list[str]
+    site: Site,
+    sshd: SshServer | None,
+    assets: dict[str, Any],
+    keys: list[str],
+    tete_stagger: float = 0.0,
 ) -> list[Tunnel]:
     made: dict[str, Tunnel] = {}
     if sshd is not None:
@@ -1190,7 +1292,7 @@ def make_tools(
         )
     made["socat-tls"] = SocatTls(site, assets["cert"], assets["key"])
     made["socat-tcp"] = SocatTcp(site)
-    made["tete"] = Tete(site, assets["ids"])
+    made["tete"] = Tete(site, assets["ids"], tete_stagger)
     return [made[k] for k in keys if k in made]
 
 
@@ -1270,7 +1372,9 @@ def render(
 ) -> str:
     headers = ["measurement", "unit", *[TOOL_LABELS[t] for t in tools]]
     ratios = [
-        (b, f"tete/{b}") for b in ("ssh-aes", "ssh-default") if b in tools and "tete" in tools
+        (b, f"tete/{b}")
+        for b in ("ssh-aes", "ssh-default", "socat-tcp")
+        if b in tools and "tete" in tools
     ]
     headers += [name for _, name in ratios]
     table: list[list[str]] = []
@@ -1314,7 +1418,7 @@ def render(
         f"python {info['python']} ({info['python_ssl']}); {info['openssl']}",
         f"{info['ssh']}; {info['socat']}; tete-tunnel {info['tete']}",
         f"median of {plan.runs} interleaved round(s); MB = 10^6 bytes; "
-        "ratios are tete / ssh (see benchmarks/README.md for which way is better)",
+        "ratios are tete / ssh or plain TCP (see benchmarks/README.md for which way is better)",
         f"harness ceiling (source -> sink, no tunnel, 1 run): {_ceiling_text(ceiling)}",
         f"1-minute load average: {info.get('load', '?')} (other work on the machine skews speeds; "
         "CPU s/GiB much less)",
@@ -1367,6 +1471,7 @@ def to_json(
                 "processes": r.extra or None,
                 "tete/ssh-aes": r.ratio("tete", "ssh-aes"),
                 "tete/ssh-default": r.ratio("tete", "ssh-default"),
+                "tete/socat-tcp": r.ratio("tete", "socat-tcp"),
             }
             for r in rows.values()
         ],
@@ -1423,6 +1528,11 @@ def main() -> int:
         choices=["loopback", "rtt"],
         help="run only the loopback rows, or only the long-RTT rows (namespaces)",
     )
+    parser.add_argument(
+        "--rows",
+        help="comma-separated measurements to run, nothing else (a row's key names its "
+        f"measurement): {','.join(ROW_GROUPS)}",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -1431,6 +1541,21 @@ def main() -> int:
     unknown = chosen - set(TOOL_KEYS)
     if unknown or not tools:
         parser.error(f"--tools: unknown {', '.join(sorted(unknown))}; choose from {TOOL_KEYS}")
+    groups = list(ROW_GROUPS)
+    if args.only is not None:
+        groups = RTT_GROUPS if args.only == "rtt" else LOOPBACK_GROUPS
+    if args.rows is not None:
+        asked = [r.strip() for r in args.rows.split(",") if r.strip()]
+        by_row = {k: g for g, keys in ROW_GROUPS.items() for k in keys}
+        unknown_rows = [r for r in asked if r not in ROW_GROUPS and r not in by_row]
+        if unknown_rows or not asked:
+            parser.error(
+                f"--rows: unknown {', '.join(unknown_rows)}; choose from {','.join(ROW_GROUPS)}"
+            )
+        picked = {r if r in ROW_GROUPS else by_row[r] for r in asked}
+        groups = [g for g in groups if g in picked]
+        if not groups:
+            parser.error(f"--rows {args.rows} has no row in --only {args.only}")
     runs = args.runs if args.runs is not None else (2 if args.quick else 5)
     gib = args.gib if args.gib is not None else (0.125 if args.quick else 1.0)
     if runs < 1 or gib <= 0:
@@ -1445,6 +1570,7 @@ def main() -> int:
         idle_streams=200 if args.quick else 1000,
         rtt_bytes=min(nbytes, 256 << 20),
         tools=tools,
+        groups=groups,
     )
     _check_tools()
 
@@ -1469,13 +1595,11 @@ def main() -> int:
             tmp = Path(tmp_name)
             assets = prepare_assets(tmp)
             log(f"plan: {plan}")
-            if args.only in (None, "loopback"):
+            if any(g in LOOPBACK_GROUPS for g in groups):
                 ceiling = loop_phase(tmp, assets, plan, rows)
-            if args.only in (None, "rtt"):
+            if any(g in RTT_GROUPS for g in groups):
                 rtt_phase(tmp, assets, plan, rows, RTT_DELAY_MS)
-            if args.only is not None:  # the other phase's rows stay out of the table
-                want_rtt = args.only == "rtt"
-                rows = {k: r for k, r in rows.items() if k.startswith("rtt") == want_rtt}
+            rows = {k: r for k, r in rows.items() if plan.wants(k)}  # what was asked for
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -1523,12 +1647,16 @@ def harness_ceiling(site: Site, plan: Plan) -> dict[str, float]:
             ("single", plan.single_bytes, 1),
             ("multi", plan.multi_bytes, MULTI_STREAMS),
         ):
+            if not plan.wants(key):
+                continue
             result = site.client(["stream", port, str(nbytes), str(streams)], 600)
             ceiling[key] = result["bytes"] / result["seconds"] / 1e6
         for key, count, parallel in (
             ("seq_rate", plan.seq_conns, 1),
             ("par_rate", plan.par_conns, PARALLEL),
         ):
+            if not plan.wants(key):
+                continue
             result = site.client(["echo", port, str(count), str(parallel)], 600)
             ceiling[key] = count / result["seconds"]
     except BenchError as exc:
@@ -1562,11 +1690,13 @@ def loop_phase(
 def _ceiling_text(ceiling: dict[str, float]) -> str:
     if not ceiling:
         return "not measured"
-    return (
-        f"1 stream {ceiling['single']:.0f} MB/s, {MULTI_STREAMS} streams "
-        f"{ceiling['multi']:.0f} MB/s, sequential {ceiling['seq_rate']:.0f} conn/s, "
-        f"{PARALLEL} parallel {ceiling['par_rate']:.0f} conn/s"
-    )
+    parts = {
+        "single": "1 stream {:.0f} MB/s",
+        "multi": f"{MULTI_STREAMS} streams {{:.0f}} MB/s",
+        "seq_rate": "sequential {:.0f} conn/s",
+        "par_rate": f"{PARALLEL} parallel {{:.0f}} conn/s",
+    }
+    return ", ".join(text.format(ceiling[k]) for k, text in parts.items() if k in ceiling)
 
 
 def rtt_phase(
@@ -1574,7 +1704,8 @@ def rtt_phase(
 ) -> None:
     """The long-RTT rows, across namespaces; without netem, through delayline.py.
 
-    Twice: with the kernel's default TCP buffer limits, and with them raised.
+    Up to three labs, for the rows asked for: the kernel's default TCP buffer limits, the
+    limits raised, and the default limits with random loss.
     """
     userspace = False
     if delay_ms is not None:
@@ -1587,25 +1718,38 @@ def rtt_phase(
                 f"1 stream, {_size(plan.rtt_bytes)}"
             )
             log(f"long RTT: netem unavailable ({why}); using {DELAYLINE.name} instead")
-    labs = ((rows["rtt"], rows["rtt_conns"], None), (rows["rtt_big"], None, BIG_TCP_BUFFERS))
-    for row, conns, buffers in labs:
-        lab = tmp / f"lab-{row.key}"
+    loss_bytes = min(plan.rtt_bytes, RTT_LOSS_BYTES)
+    labs = (  # (stream row, short connections row, TCP limits, loss %, bytes)
+        (rows["rtt"], rows["rtt_conns"], None, 0.0, plan.rtt_bytes),
+        (rows["rtt_big"], None, BIG_TCP_BUFFERS, 0.0, plan.rtt_bytes),
+        (rows["rtt_loss"], None, None, RTT_LOSS_PERCENT, loss_bytes),
+    )
+    for stream_row, conns_row, buffers, loss, nbytes in labs:
+        row = stream_row if plan.wants(stream_row.key) else None
+        conns = conns_row if conns_row is not None and plan.wants(conns_row.key) else None
+        if row is None and conns is None:
+            continue
+        named = row or conns
+        assert named is not None
+        lab = tmp / f"lab-{stream_row.key}"
         lab.mkdir(exist_ok=True)
         try:
-            with nat_lab(lab, delay_ms, userspace, buffers) as site:
+            with nat_lab(lab, delay_ms, userspace, buffers, loss) as site:
                 sshd: SshServer | None = None
                 try:
-                    sshd = start_sshd(site, lab / "sshd", plan, [row])
-                    tools = make_tools(site, sshd, assets, plan.tools)
+                    sshd = start_sshd(site, lab / "sshd", plan, [r for r in (row, conns) if r])
+                    tools = make_tools(site, sshd, assets, plan.tools, RTT_PEER_STAGGER)
                     for r, tool in rounds(tools, plan.runs):
-                        log(f"{row.key} round {r + 1}/{plan.runs}: {tool.label}")
-                        measure_rtt_round(tool, plan, row, conns)
+                        log(f"{named.key} round {r + 1}/{plan.runs}: {tool.label}")
+                        measure_rtt_round(tool, plan, row, conns, nbytes)
                 finally:
                     if sshd is not None:
                         sshd.stop()
         except BenchError as exc:  # the lab itself failed (the rounds catch their own failures)
-            row.note = f"n/a ({exc})"
-            log(f"{row.key}: {row.note}")
+            for r in (row, conns):
+                if r is not None:
+                    r.note = f"n/a ({exc})"
+            log(f"{named.key}: n/a ({exc})")
 
 
 if __name__ == "__main__":

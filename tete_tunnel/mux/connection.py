@@ -32,8 +32,19 @@ from tete_tunnel.mux.stream import StreamInput, StreamState, transition
 
 INITIAL_WINDOW = 256 * 1024  # yamux's initial stream window; both sides assume it
 # Credit goes back after half the window is consumed, or after this much for a large one:
-# waiting for half of a 16 MiB window would leave only about half of it in flight.
+# waiting for half of a 64 MiB window would leave only about half of it in flight.
 UPDATE_STEP = 1024 * 1024
+# Window tuning. The bandwidth-delay product of a stream is measured as the bytes the
+# application consumed over the last round trip (an interval of at least one ping RTT, so
+# bursts of reads even out), and the window grows toward GROWTH_RTTS times it: on a path
+# that limits the rate, that is GROWTH_RTTS times what is in flight; while the window itself
+# limits the rate (a transfer starting), it is about GROWTH_RTTS times the window, which keeps
+# the window ahead of TCP's slow start (doubling each round trip) although the credit that
+# lets the sender go on arrives half a round trip late. Each update adds at most
+# GROWTH_PER_UPDATE times the credit it returns and at most twice the window (it at most
+# triples), and never beyond max_window or the session's budget (docs/PERFORMANCE.md).
+GROWTH_RTTS = 4
+GROWTH_PER_UPDATE = 4
 
 # Flags as plain ints on the hot path: IntFlag arithmetic builds enum objects every time.
 _SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.RST)
@@ -42,10 +53,13 @@ _SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.R
 @dataclass(frozen=True)
 class Config:
     initial_window: int = INITIAL_WINDOW
-    # A stream's receive window grows toward the bandwidth-delay product, to this bound.
-    max_window: int = 16 * 1024 * 1024
+    # A stream's receive window grows toward the bandwidth-delay product, to this bound: what
+    # one stream may make us buffer. 64 MiB carries ~600 MB/s over 100 ms; one TCP connection
+    # with Linux's buffer limits raised to 64 MiB carries less.
+    max_window: int = 64 * 1024 * 1024
     # All growth beyond the initial windows, summed over streams: the memory a peer can
-    # make us buffer beyond max_streams * initial_window.
+    # make us buffer beyond max_streams * initial_window. At least max_window, so a single
+    # stream on a long fat link may grow to the bound.
     window_budget: int = 64 * 1024 * 1024
     # Open at once, both directions; excess peer opens get RST. With the initial window,
     # this bounds what a peer can make us buffer: max_streams * 256 KiB + window_budget.
@@ -104,13 +118,16 @@ class _Bucket:
 class _Stream:
     __slots__ = (
         "acked",
+        "bdp",
         "fin_pending",
         "id",
-        "last_update",
         "need_ack",
         "need_syn",
         "out",
         "out_bytes",
+        "per_rtt",
+        "rate_bytes",
+        "rate_mark",
         "recv_window",
         "send_window",
         "state",
@@ -131,7 +148,12 @@ class _Stream:
         self.window = config.initial_window  # our grant's current size
         self.recv_window = config.initial_window  # what the peer may still send
         self.unacked = 0  # consumed by the application, not yet granted back
-        self.last_update: float | None = None
+        # Window tuning: bytes consumed since rate_mark (None: nothing consumed yet), and
+        # the bytes consumed in one round trip, as last measured.
+        self.rate_mark: float | None = None
+        self.rate_bytes = 0
+        self.per_rtt = 0
+        self.bdp = 0
 
     def wants_turn(self) -> bool:
         if self.need_ack and not self.out and not self.fin_pending:
@@ -245,36 +267,50 @@ class Connection:
 
     def consumed(self, stream_id: int, n: int, now: float) -> None:
         """The application took `n` bytes of a stream: grant them back, growing the window
-        when it is being consumed fast enough to use it all within 4 round trips (the link
-        is long or fast), by at most twice what is granted back."""
+        toward GROWTH_RTTS times the bandwidth-delay product measured (see GROWTH_RTTS)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return  # the peer sends no more: no credit needed
+        if n:
+            self._measure(stream, n, now)
         stream.unacked += n
         if stream.unacked < min(stream.window // 2, UPDATE_STEP):
             return
         delta = stream.unacked
-        if (
-            self.rtt is not None
-            and stream.last_update is not None
-            # delta bytes since the last update: a rate above window / (4 rtt)
-            and (now - stream.last_update) * stream.window < 4 * self.rtt * delta
-        ):
-            grow = min(
-                2 * delta,
-                stream.window,
-                self.config.max_window - stream.window,
-                self.config.window_budget - self._budget_used,
-            )
-            if grow > 0:
-                stream.window += grow
-                self._budget_used += grow
-                delta += grow
-        stream.last_update = now
+        grow = min(
+            GROWTH_RTTS * stream.bdp - stream.window,
+            GROWTH_PER_UPDATE * delta,
+            2 * stream.window,
+            self.config.max_window - stream.window,
+            self.config.window_budget - self._budget_used,
+        )
+        if grow > 0:
+            stream.window += grow
+            self._budget_used += grow
+            delta += grow
         stream.unacked = 0
         stream.recv_window += delta
         flags = self._opening_flags(stream)  # the update may be our first frame on it
         self._control.append(encode_header(FrameType.WINDOW_UPDATE, flags, stream_id, delta))
+
+    def _measure(self, stream: _Stream, n: int, now: float) -> None:
+        """Count `n` bytes consumed; once a round trip has passed since the mark, take the
+        bytes consumed per round trip as the stream's bandwidth-delay product."""
+        if stream.rate_mark is None:
+            stream.rate_mark = now  # these bytes arrived before the mark: not counted
+            return
+        stream.rate_bytes += n
+        elapsed = now - stream.rate_mark
+        if self.rtt is not None and elapsed >= self.rtt:
+            per_rtt = int(stream.rate_bytes * self.rtt / elapsed)
+            # Growing (a sender in slow start): what the next round trip will bring.
+            if 0 < stream.per_rtt < per_rtt:
+                stream.bdp = per_rtt * min(per_rtt, 2 * stream.per_rtt) // stream.per_rtt
+            else:
+                stream.bdp = per_rtt
+            stream.per_rtt = per_rtt
+            stream.rate_mark = now
+            stream.rate_bytes = 0
 
     def ping(self, now: float) -> bool:
         """Send a ping unless one is outstanding; its pong reports the round-trip time."""
