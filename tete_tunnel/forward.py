@@ -560,7 +560,7 @@ class Forwarder:
         """Accept the peer's streams until it leaves (its go-away) or the link breaks."""
         while True:
             try:
-                stream = await session.accept()
+                stream = await session.accept(ack_now=False)  # on our answer
             except Closed:
                 return Ending.BY_PEER
             task = asyncio.ensure_future(self._incoming(session, stream))

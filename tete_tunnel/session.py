@@ -88,7 +88,28 @@ class Consumer(Protocol):
 
 
 class Stream:
-    """One mux stream with the shape of asyncio's StreamReader/StreamWriter pair."""
+    """One mux stream with the shape of asyncio's StreamReader/StreamWriter pair.
+
+    Its events are made when someone first waits on them: most streams of a forward are
+    served by callbacks and never wait, and a short connection should not pay for three.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_closed",
+        "_consumer",
+        "_discard",
+        "_drained",
+        "_eof",
+        "_eof_sent",
+        "_error",
+        "_is_closed",
+        "_readable",
+        "_session",
+        "id",
+        "on_drained",
+    )
 
     def __init__(self, session: Session, stream_id: int) -> None:
         self._session = session
@@ -98,9 +119,10 @@ class Stream:
         self._eof = False  # the peer's FIN arrived
         self._eof_sent = False
         self._error: BaseException | None = None
-        self._readable = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._closed = asyncio.Event()
+        self._readable: asyncio.Event | None = None  # made by the first wait
+        self._drained: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._is_closed = False
         self._discard = False
         self._consumer: Consumer | None = None
         self.on_drained: Callable[[], None] | None = None  # called when writes may go on
@@ -114,6 +136,8 @@ class Stream:
                 return b""
             if self._error is not None:
                 raise self._error
+            if self._readable is None:
+                self._readable = asyncio.Event()
             self._readable.clear()
             await self._readable.wait()
         if n < 0 or n >= len(self._buffer[0]):
@@ -179,6 +203,8 @@ class Stream:
         while self.write_blocked:
             if self._error is not None:
                 raise self._error
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             await self._drained.wait()
         if self._error is not None:
@@ -206,6 +232,10 @@ class Stream:
 
     async def wait_closed(self) -> None:
         """Until both directions have ended (or the stream was reset)."""
+        if self._is_closed:
+            return
+        if self._closed is None:
+            self._closed = asyncio.Event()
         await self._closed.wait()
 
     def is_closing(self) -> bool:
@@ -218,6 +248,11 @@ class Stream:
 
     # -- called by the session ----------------------------------------------------------
 
+    def _set_closed(self) -> None:
+        self._is_closed = True
+        if self._closed is not None:
+            self._closed.set()
+
     def _data(self, data: bytes) -> None:
         self._session.bytes_received += len(data)
         if self._discard:
@@ -227,16 +262,19 @@ class Stream:
         else:
             self._buffer.append(data)
             self._buffered += len(data)
-            self._readable.set()
+            if self._readable is not None:
+                self._readable.set()
 
     def _ended(self) -> None:
         self._eof = True
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
         if self._consumer is not None:
             self._consumer.stream_eof()
 
     def _writable(self) -> None:
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
         if self.on_drained is not None:
             self.on_drained()
 
@@ -244,9 +282,11 @@ class Stream:
         first = self._error is None
         if first:
             self._error = error
-        self._readable.set()
-        self._drained.set()
-        self._closed.set()
+        if self._readable is not None:
+            self._readable.set()
+        if self._drained is not None:
+            self._drained.set()
+        self._set_closed()
         if first and notify and self._consumer is not None and not self._eof:
             self._consumer.stream_error(error)
 
@@ -451,8 +491,9 @@ class Session:
         self._schedule_flush()
         return stream
 
-    async def accept(self) -> Stream:
-        """The next stream the peer opened (its ACK goes out now).
+    async def accept(self, *, ack_now: bool = True) -> Stream:
+        """The next stream the peer opened (its ACK goes out now, or with `ack_now=False`
+        on our first frame on it: the caller answers every open soon, see preamble).
 
         Raises Closed once the peer is leaving in order (it opens nothing more) or the
         session has closed, and the LinkBroken error if it broke.
@@ -466,9 +507,10 @@ class Session:
             await self._incoming_ready.wait()
         stream = self._incoming.popleft()
         self.streams_opened += 1
-        if self.conn.terminated is None and stream.id in self.conn.stream_ids:
-            self.conn.accept_stream(stream.id)
-            self._schedule_flush()
+        if self.conn.terminated is None and self.conn.has_stream(stream.id):
+            self.conn.accept_stream(stream.id, ack_now=ack_now)
+            if ack_now:
+                self._schedule_flush()
         return stream
 
     def _stream_high_water(self) -> int:
@@ -507,7 +549,7 @@ class Session:
         for stream_id in self.conn.pop_closed():
             stream = self._streams.pop(stream_id, None)
             if stream is not None:
-                stream._closed.set()
+                stream._set_closed()
         if not self._streams:
             self._streams_gone.set()
 

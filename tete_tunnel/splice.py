@@ -80,12 +80,14 @@ class Splice(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
-        self.transport.pause_reading()  # until start() gives us a stream
-        self.reading_paused = True
         try:
-            self._on_made(self)
+            self._on_made(self)  # usually start()s at once: no pause and resume then
         except Exception as exc:
             self.fail(OpenFailed(str(exc) or "no stream for the connection"))
+            return
+        if self.stream is None and not self.ended:
+            self.transport.pause_reading()  # until start() gives us a stream
+            self.reading_paused = True
 
     def start(self, stream: Stream) -> None:
         """Splice the connection to `stream` (its request, if any, is already written)."""
