@@ -179,6 +179,14 @@ class Stream:
         elif self._error is not None:
             consumer.stream_error(self._error)
 
+    def detach(self, unused: bytes = b"") -> None:
+        """Stop handing data to the consumer; `unused` (data it was given and did not use)
+        is read first, by read() or by the next consumer."""
+        self._consumer = None
+        if unused:
+            self._buffer.appendleft(unused)
+            self._buffered += len(unused)
+
     def credit(self, n: int) -> None:
         """The application has taken n bytes: the peer may send that much more."""
         self._session._consumed(self.id, n)
@@ -346,6 +354,7 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self._incoming: deque[Stream] = deque()  # bounded by the core's pending limit
         self._incoming_ready = asyncio.Event()  # set when a stream arrives or the session ends
+        self._handler: Callable[[Stream], None] | None = None  # see serve_streams
         self._writing_paused = False
         self._flush_scheduled = False
         self._pending_finish: tuple[LinkBroken | None] | None = None
@@ -513,6 +522,30 @@ class Session:
                 self._schedule_flush()
         return stream
 
+    def serve_streams(self, handler: Callable[[Stream], None] | None) -> None:
+        """Hand every stream the peer opens to `handler`, inside the dispatch of its first
+        frame (no task, no loop turn per stream), accepted with its ACK riding on our first
+        frame on it: the handler answers every open (or resets it). Streams waiting for
+        accept() go first. None: back to accept()."""
+        self._handler = handler
+        while handler is not None and self._incoming and not self.ended.is_set():
+            self._hand_over(self._incoming.popleft(), handler)
+
+    def _hand_over(self, stream: Stream, handler: Callable[[Stream], None]) -> None:
+        self.streams_opened += 1
+        if self.conn.terminated is None and self.conn.has_stream(stream.id):
+            self.conn.accept_stream(stream.id, ack_now=False)
+        self._contain(stream, handler, stream)
+
+    async def peer_leaving(self) -> None:
+        """Until the peer leaves in order (its go-away) or the session ends; raises the
+        LinkBroken error if it broke (as accept() would)."""
+        while not (self.ended.is_set() or self.peer_closing.is_set()):
+            self._incoming_ready.clear()
+            await self._incoming_ready.wait()
+        if self.ended.is_set() and self.error is not None:
+            raise self.error
+
     def _stream_high_water(self) -> int:
         if self.conn.queued_bytes > SEND_BUDGET:
             return STREAM_HIGH_WATER_TIGHT
@@ -596,8 +629,11 @@ class Session:
                     self._contain(stream, stream._data, event.data)
             elif isinstance(event, ev.StreamOpened):
                 stream = self._streams[event.stream_id] = Stream(self, event.stream_id)
-                self._incoming.append(stream)
-                self._incoming_ready.set()
+                if self._handler is not None:
+                    self._hand_over(stream, self._handler)
+                else:
+                    self._incoming.append(stream)
+                    self._incoming_ready.set()
             elif isinstance(event, ev.StreamEnded):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:

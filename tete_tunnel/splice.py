@@ -278,7 +278,7 @@ class ConnectFailed(TeteError):
     """No address of the target answered; nothing was written to the stream."""
 
 
-async def connect_and_splice(
+async def connect_splice(
     stream: Stream,
     host: str,
     port: int,
@@ -286,21 +286,15 @@ async def connect_and_splice(
     *,
     answer: bytes,
     per_address: float,
-) -> None:
+    on_end: Callable[[Splice, BaseException | None], None],
+) -> Splice:
     """Connect to the first address that answers, then `answer` the stream and splice.
 
-    Runs until both directions have ended; raises ConnectFailed, StreamReset, LinkBroken...
+    Returns once connected: the splice then lives on callbacks, and `on_end` reports its
+    end (no task waits for it). Raises ConnectFailed, with nothing written to the stream.
     The connection is made by the loop (one call: no per-socket set-up of our own).
     """
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_end(_: Splice, error: BaseException | None) -> None:
-        if not done.done():
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
 
     def made(splice: Splice) -> None:
         stream.write(answer)  # before any data of the target's
@@ -312,18 +306,11 @@ async def connect_and_splice(
         try:
             async with asyncio.timeout(per_address):
                 await loop.create_connection(lambda: protocol, *address[:2], family=family)
-            break
+            return protocol
         except TimeoutError:
             last = OSError(errno.ETIMEDOUT, "timed out")
         except OSError as exc:
             last = exc
-    else:
-        # asyncio words failures as "Connect call failed (...)": say what errno means.
-        reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
-        raise ConnectFailed(f"cannot connect to {endpoint(host, port)}: {reason}")
-    try:
-        await done
-    except asyncio.CancelledError:
-        done.cancel()
-        protocol.abort()
-        raise
+    # asyncio words failures as "Connect call failed (...)": say what errno means.
+    reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
+    raise ConnectFailed(f"cannot connect to {endpoint(host, port)}: {reason}")
