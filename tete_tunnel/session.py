@@ -170,10 +170,12 @@ class Stream:
     def attach(self, consumer: Consumer) -> None:
         """From now on, incoming data goes to `consumer`; it grants credit with credit()."""
         self._consumer = consumer
-        while self._buffer:
+        while self._buffer and self._consumer is consumer:  # it may detach() on the way
             data = self._buffer.popleft()
             self._buffered -= len(data)
             consumer.stream_data(data)
+        if self._consumer is not consumer:
+            return
         if self._eof:
             consumer.stream_eof()
         elif self._error is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import struct
 from collections.abc import Callable
 
 from tete_tunnel import preamble
@@ -57,7 +56,7 @@ class Splice(asyncio.Protocol):
         self._on_made = on_made
         self.on_end = on_end
         self.stream: Stream | None = None
-        self.answer: bytearray | None = bytearray() if answer_pending else None
+        self.answer: bytes | None = b"" if answer_pending else None  # what came of it so far
         self.ended = False
         self.transport: asyncio.Transport | None = None
         self.up_done = False  # TCP EOF passed on as FIN
@@ -188,23 +187,18 @@ class Splice(asyncio.Protocol):
     def _take_answer(self, data: bytes) -> bytes:
         """Collect the peer's answer; return the data behind it once it is complete."""
         assert self.answer is not None and self.stream is not None
-        self.answer += data
-        if len(self.answer) < 2:
-            return b""
-        (length,) = struct.unpack("!H", self.answer[:2])
-        if not 0 < length <= preamble.MAX_LENGTH:
-            self.fail(preamble.PreambleError(f"answer of {length} bytes"))
-            return b""
-        if len(self.answer) < 2 + length:
-            return b""
+        head = self.answer + data if self.answer else data  # usually whole in one piece
         try:
-            answer = preamble.decode(bytes(self.answer[2 : 2 + length]))
+            found = preamble.parse(head)
         except preamble.PreambleError as exc:
-            self.fail(exc)
+            self.fail(preamble.PreambleError(f"bad answer: {exc}"))
             return b""
-        rest = bytes(self.answer[2 + length :])
+        if found is None:
+            self.answer = head
+            return b""
+        answer, used = found
         self.answer = None
-        self.stream.credit(2 + length)  # the rest is credited as it is passed on
+        self.stream.credit(used)  # the rest is credited as it is passed on
         if isinstance(answer, preamble.Refuse):
             self.fail(Refused(answer.reason))
             return b""
@@ -212,7 +206,7 @@ class Splice(asyncio.Protocol):
             self.fail(preamble.PreambleError(f"unexpected answer {answer!r}"))
             return b""
         self.accepted()
-        return rest
+        return head[used:]
 
     def accepted(self) -> None:
         """The peer answered ACCEPT; its data follows (a SOCKS client's reply goes first)."""
