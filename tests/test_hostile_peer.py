@@ -314,6 +314,47 @@ def test_malformed_open_requests_are_not_logged_one_line_per_stream(
     assert len(lines) < 30, f"{len(lines)} lines on stderr, the last: {lines[-1]}"
 
 
+def test_open_requests_in_pieces_are_served_and_bad_ones_answered(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """The open request is parsed as the stream's data arrives: one sent a byte per frame
+    is served once whole, with the data behind it; a length over the limit is reset as
+    soon as its two bytes are in; an answer where a request belongs is refused."""
+    _, echo = start_server(procs, "echocount")
+    honest = start_forward(procs, tmp_path)
+
+    async def attack() -> None:
+        mux = RawMux(await link_to(honest, tmp_path / "attacker"), keep_frames=False)
+        try:
+            request = preamble.encode(preamble.Connect(LOOPBACK, echo))
+            sid = mux.open(request[:1], track=True, auto_grant=True)
+            for i in range(1, len(request)):
+                assert await mux.sync()  # each piece is taken in before the next is sent
+                mux.data(sid, request[i : i + 1])
+            mux.data(sid, b"behind the request", fin=True)
+            split = mux.streams[sid]
+            assert await mux.wait_for(lambda: split.fin or split.rst, 20)
+            answer = preamble.encode(preamble.Accept())
+            assert bytes(split.data) == answer + b"behind the request", bytes(split.data)
+            assert split.fin and not split.rst
+
+            too_long = mux.streams[mux.open(b"\xff\xff", track=True)]
+            assert await mux.wait_for(lambda: too_long.rst, 20)
+            assert not too_long.data
+
+            wrong = mux.streams[mux.open(answer, track=True)]
+            assert await mux.wait_for(lambda: wrong.fin or wrong.rst, 20)
+            refusal = preamble.parse(bytes(wrong.data))
+            assert refusal is not None and isinstance(refusal[0], preamble.Refuse), wrong.data
+            assert_healthy(honest, FLOOD_RSS_BOUND)
+        finally:
+            await mux.aclose()
+
+    run(attack())
+    assert_ends_in_order(honest)
+    assert "reset a stream from the peer: open message of 65535 bytes" in honest.err, honest.err
+
+
 # -- 2. rapid reset ---------------------------------------------------------------------------
 
 RESETS = 30_000

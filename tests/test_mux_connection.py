@@ -162,6 +162,24 @@ def test_accept_alone_sends_a_bare_ack() -> None:
     assert summary(out(conn)) == [(WU, ACK, 1, 0)]
 
 
+def test_a_deferred_ack_waits_for_the_first_frame_and_rides_on_it() -> None:
+    conn = server()
+    conn.receive_data(data(1, b"hello", SYN), 0.0)
+    conn.accept_stream(1, ack_now=False)
+    assert not conn.has_data_to_send()  # no bare ACK
+    conn.send(1, b"ok")
+    conn.end_stream(1)
+    assert summary(out(conn)) == [(DATA, ACK | FIN, 1, 2)]
+
+
+def test_a_deferred_ack_rides_on_a_reset() -> None:
+    conn = server()
+    conn.receive_data(data(1, b"hello", SYN), 0.0)
+    conn.accept_stream(1, ack_now=False)
+    conn.reset_stream(1)
+    assert summary(out(conn)) == [(WU, ACK | RST, 1, 0)]
+
+
 def test_reset_before_the_syn_went_out_sends_nothing() -> None:
     conn = Connection(client=True)
     sid = conn.open_stream()

@@ -8,7 +8,7 @@ import hashlib
 import os
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import psutil
@@ -475,3 +475,78 @@ print(held - rss())
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) > 48 << 20
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 10 s")
+
+
+class _TakeHead:
+    """A consumer that takes the first `n` bytes and gives the stream back."""
+
+    def __init__(self, stream: Stream, n: int) -> None:
+        self.stream, self.n, self.head = stream, n, b""
+
+    def stream_data(self, data: bytes) -> None:
+        assert len(self.head) < self.n, "data reached the consumer that gave the stream back"
+        data = self.head + data
+        if len(data) < self.n:
+            self.head = data
+            return
+        self.head = data[: self.n]
+        self.stream.credit(self.n)
+        self.stream.detach(data[self.n :])
+
+    def stream_eof(self) -> None:
+        raise AssertionError("the end reached the consumer that had given the stream back")
+
+    def stream_error(self, error: BaseException) -> None:
+        raise AssertionError(f"error {error!r} reached the consumer that gave the stream back")
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["opened-before", "opened-after"])
+def test_served_streams_are_handed_over_and_a_consumer_may_give_one_back(before: bool) -> None:
+    """serve_streams: each stream the peer opens goes to the handler, those that came
+    before it too (their data already buffered); a consumer that detaches inside its
+    first data leaves the rest, and the end, for read()."""
+
+    async def main() -> None:
+        async with session_pair() as (sa, sb):
+            served: list[tuple[Stream, _TakeHead]] = []
+
+            def handler(stream: Stream) -> None:
+                taker = _TakeHead(stream, 4)
+                served.append((stream, taker))
+                stream.attach(taker)
+
+            def open_streams() -> list[Stream]:
+                opened = []
+                for i in range(3):
+                    s = sa.open_stream()
+                    s.write(b"HEAD" + b"rest %d" % i)
+                    s.write_eof()
+                    opened.append(s)
+                return opened
+
+            if before:
+                opened = open_streams()
+                await _until(lambda: len(sb.conn.stream_ids) == 3)  # unaccepted, waiting
+                sb.serve_streams(handler)
+            else:
+                sb.serve_streams(handler)
+                opened = open_streams()
+            await _until(lambda: len(served) == 3 and all(s.peer_ended for s, _ in served))
+            for i, (stream, taker) in enumerate(served):
+                assert taker.head == b"HEAD"
+                assert await read_all(stream) == b"rest %d" % i
+                stream.write(b"answer")
+                stream.write_eof()
+            for s in opened:
+                assert await read_all(s) == b"answer"
+            assert sb.streams_opened == 3
+
+    asyncio.run(asyncio.wait_for(main(), 20))

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from tete_tunnel import preamble, socks
 from tete_tunnel.errors import Closed, LinkBroken, TeteError, UsageError
 from tete_tunnel.log import Throttled
-from tete_tunnel.net import Address, endpoint, listen_on, resolve
+from tete_tunnel.net import Address, endpoint, is_ip_literal, listen_on, resolve
 from tete_tunnel.policy import Policy
 from tete_tunnel.secure import SecureLink
 from tete_tunnel.session import Session, Stream
@@ -36,7 +38,7 @@ from tete_tunnel.splice import (
     OpenFailed,
     Refused,
     Splice,
-    connect_and_splice,
+    connect_splice,
     session_ended,
 )
 from tete_tunnel.supervisor import Ending
@@ -55,6 +57,8 @@ CONNECTION_WAIT = 30.0  # a connection that arrives while the link is down waits
 REQUEST_RETRIES = 10
 REQUEST_RETRY_PAUSE = 0.3
 DEFAULT_MAX_CONNECTIONS = 512  # client connections at once per listener (--max-connections)
+JUDGED_LIMIT = 1024  # IP targets whose policy verdict is remembered (then forgotten at once)
+ACCEPT = preamble.encode(preamble.Accept())
 
 
 @dataclass(frozen=True)
@@ -426,6 +430,80 @@ class Relay:
             log.info("%s: connection from %s ended: %s", self.label, conn.client, error)
 
 
+class _Serving:
+    """What serving the peer's streams on one session owns: the tasks that resolve and
+    connect (cancelled when the session's run ends), and the connections spliced to its
+    streams (reset then)."""
+
+    __slots__ = ("closed", "session", "splices", "tasks")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.closed = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.splices: set[Splice] = set()
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class _Opening:
+    """A stream the peer opened, until its open request is in. The request is parsed from
+    the stream's data inside the dispatch (the opening frame usually carries it whole, so
+    no task waits for it); one that is not complete within PREAMBLE_TIMEOUT, or malformed,
+    resets the stream. The data behind the request stays in the stream for the splice."""
+
+    __slots__ = ("_forwarder", "_head", "_serving", "_stream", "_timer")
+
+    def __init__(self, forwarder: Forwarder, serving: _Serving, stream: Stream) -> None:
+        self._forwarder = forwarder
+        self._serving = serving
+        self._stream = stream
+        self._head = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def stream_data(self, data: bytes) -> None:
+        head = self._head + data if self._head else data
+        try:
+            found = preamble.parse(head)
+        except preamble.PreambleError as exc:
+            self._bad(str(exc))
+            return
+        if found is None:
+            self._head = head
+            if self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(PREAMBLE_TIMEOUT, self._bad, "no open request")
+            return
+        self._stop_timer()
+        request, used = found
+        stream = self._stream
+        stream.credit(used)  # the rest is credited as the splice passes it on
+        stream.detach(head[used:])
+        self._forwarder._request(self._serving, stream, request)
+
+    def stream_eof(self) -> None:
+        self._bad("the stream ended inside its open message")
+
+    def stream_error(self, error: BaseException) -> None:
+        self._stop_timer()
+        if not session_ended(error):
+            log.info("a stream from the peer ended: %s", error)
+
+    def _bad(self, why: str) -> None:
+        self._stop_timer()
+        self._stream.detach()
+        self._forwarder._warn("bad-request", "reset a stream from the peer: %s", why)
+        self._stream.reset()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 @dataclass
 class _Remote:
     """One -R forward: its spec and the port the peer bound the first time."""
@@ -455,6 +533,8 @@ class Forwarder:
     _interrupted: asyncio.Event | None = None
     _sessions: int = 0
     _throttled: Throttled = field(default_factory=Throttled)
+    # CONNECT targets given as IP addresses, judged by the policy once: (addresses, refusal).
+    _judged: dict[tuple[str, int], tuple[list[Address], str | None]] = field(default_factory=dict)
     # Called once, when the first link is up and every forward is set up (-L listeners
     # bound and announced, every -R answered): `forward -f` goes to the background then.
     on_ready: Callable[[], None] | None = None
@@ -520,9 +600,9 @@ class Forwarder:
             elif first:
                 print(f"Forwarding {relay.bound} -> peer (SOCKS: any target it allows)", flush=True)
             relay.attach(session)
-        streams: set[asyncio.Task[None]] = set()  # one per stream the peer opened
+        serving = _Serving(session)
         waiting: set[asyncio.Future] = {
-            asyncio.ensure_future(self._serve(session, streams)),
+            asyncio.ensure_future(self._serve(serving)),
             asyncio.ensure_future(self._interrupted.wait()),
         }
         requests = [r for r in self._remotes if not r.given_up]
@@ -544,9 +624,13 @@ class Forwarder:
                     if isinstance(result, Ending):
                         return result
         finally:
-            for task in (*waiting, *streams):
+            session.serve_streams(None)  # the peer's further opens wait, unanswered
+            serving.closed = True
+            for task in (*waiting, *serving.tasks):
                 task.cancel()
-            await asyncio.gather(*waiting, *streams, return_exceptions=True)
+            await asyncio.gather(*waiting, *serving.tasks, return_exceptions=True)
+            for splice in list(serving.splices):
+                splice.abort()
             for relay in self.relays:
                 relay.detach(session)
             self.sent += session.bytes_sent
@@ -556,16 +640,11 @@ class Forwarder:
             for key in [k for k in self._remote_by_stream if k[0] == id(session)]:
                 del self._remote_by_stream[key]
 
-    async def _serve(self, session: Session, streams: set[asyncio.Task[None]]) -> Ending:
-        """Accept the peer's streams until it leaves (its go-away) or the link breaks."""
-        while True:
-            try:
-                stream = await session.accept()
-            except Closed:
-                return Ending.BY_PEER
-            task = asyncio.ensure_future(self._incoming(session, stream))
-            streams.add(task)
-            task.add_done_callback(streams.discard)
+    async def _serve(self, serving: _Serving) -> Ending:
+        """Serve the peer's streams until it leaves (its go-away) or the link breaks."""
+        serving.session.serve_streams(functools.partial(self._incoming, serving))
+        await serving.session.peer_leaving()
+        return Ending.BY_PEER
 
     # -- -R: we ask the peer to listen ------------------------------------------------------
 
@@ -629,27 +708,34 @@ class Forwarder:
         """A line the peer can provoke once per stream: at most one per kind every 5 s."""
         self._throttled.warning(kind, asyncio.get_running_loop().time(), message, *args)
 
-    async def _incoming(self, session: Session, stream: Stream) -> None:
-        """Serve one stream the peer opened; whatever happens ends this stream only."""
-        try:
-            try:
-                async with asyncio.timeout(PREAMBLE_TIMEOUT):
-                    request = await preamble.read_message(stream)
-            except (TimeoutError, preamble.PreambleError) as exc:
-                self._warn(
-                    "bad-request", "reset a stream from the peer: %s", exc or "no open request"
-                )
-                stream.reset()
+    def _incoming(self, serving: _Serving, stream: Stream) -> None:
+        """A stream the peer opened (inside the session's dispatch): read its request."""
+        stream.attach(_Opening(self, serving, stream))
+
+    def _request(
+        self, serving: _Serving, stream: Stream, request: preamble.Request | preamble.Answer
+    ) -> None:
+        """Serve the request that opened `stream`: a CONNECT to an IP address judged before
+        goes straight to connecting, anything else through resolving and the policy."""
+        if serving.closed:  # its run has ended: nothing more is served on this session
+            stream.reset()
+            return
+        if isinstance(request, preamble.Connect):
+            judged = self._judged.get((request.host, request.port))
+            if judged is not None:
+                addresses, refusal = judged
+                if refusal is not None:
+                    self._refuse_open(stream, request.host, request.port, refusal)
+                    return
+                work = self._connect(serving, stream, request.host, request.port, addresses)
+                serving.start(self._guarded(stream, work))
                 return
-            match request:
-                case preamble.Connect(host, port):
-                    await self._serve_connect(stream, host, port)
-                case preamble.Listen(host, port):
-                    await self._serve_listen(session, stream, host, port)
-                case preamble.Forwarded(listener_id):
-                    await self._serve_forwarded(session, stream, listener_id)
-                case _:
-                    preamble.refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
+        serving.start(self._guarded(stream, self._serve_request(serving, stream, request)))
+
+    async def _guarded(self, stream: Stream, work: Coroutine[Any, Any, None]) -> None:
+        """Serve one stream; whatever happens ends this stream only."""
+        try:
+            await work
         except (Closed, LinkBroken):
             pass  # the session's end is reported once, by the supervisor
         except TeteError as exc:  # e.g. the peer reset the stream while we connected
@@ -660,23 +746,43 @@ class Forwarder:
             log.debug("stream failure", exc_info=True)
             stream.reset()
 
-    async def _serve_connect(self, stream: Stream, host: str, port: int) -> None:
+    async def _serve_request(
+        self, serving: _Serving, stream: Stream, request: preamble.Request | preamble.Answer
+    ) -> None:
+        match request:
+            case preamble.Connect(host, port):
+                await self._serve_connect(serving, stream, host, port)
+            case preamble.Listen(host, port):
+                await self._serve_listen(serving.session, stream, host, port)
+            case preamble.Forwarded(listener_id):
+                await self._serve_forwarded(serving, stream, listener_id)
+            case _:
+                preamble.refuse(stream, "this peer runs `tete-tunnel forward`, not `pipe`")
+
+    async def _serve_connect(self, serving: _Serving, stream: Stream, host: str, port: int) -> None:
         try:
             addresses = await resolve(host, port)
         except TeteError as exc:
             preamble.refuse(stream, str(exc))
             return
         refusal = self.policy.open_refusal(host, port, [a.ip for a in addresses])
+        if is_ip_literal(host):  # the same answer every time: judge it once
+            if len(self._judged) >= JUDGED_LIMIT:
+                self._judged.clear()
+            self._judged[host, port] = (addresses, refusal)
         if refusal is not None:
-            self._warn(
-                "refused-open", "refused the peer's request to connect to %s", endpoint(host, port)
-            )
-            preamble.refuse(stream, refusal)
+            self._refuse_open(stream, host, port, refusal)
             return
-        await self._connect_and_splice(stream, host, port, addresses, "the peer's -L")
+        await self._connect(serving, stream, host, port, addresses)
 
-    async def _serve_forwarded(self, session: Session, stream: Stream, listener_id: int) -> None:
-        spec = self._remote_by_stream.get((id(session), listener_id))
+    def _refuse_open(self, stream: Stream, host: str, port: int, refusal: str) -> None:
+        self._warn(
+            "refused-open", "refused the peer's request to connect to %s", endpoint(host, port)
+        )
+        preamble.refuse(stream, refusal)
+
+    async def _serve_forwarded(self, serving: _Serving, stream: Stream, listener_id: int) -> None:
+        spec = self._remote_by_stream.get((id(serving.session), listener_id))
         if spec is None:
             preamble.refuse(stream, f"no -R forward with id {listener_id} here")
             return
@@ -686,28 +792,50 @@ class Forwarder:
             self._warn("resolve", "-R %s: %s", spec.text, exc)
             preamble.refuse(stream, str(exc))
             return
-        await self._connect_and_splice(stream, spec.host, spec.port, addresses, f"-R {spec.text}")
+        label = f"-R {spec.text}"
+        await self._connect(serving, stream, spec.host, spec.port, addresses, label)
 
-    async def _connect_and_splice(
-        self, stream: Stream, host: str, port: int, addresses: list[Address], label: str
+    async def _connect(
+        self,
+        serving: _Serving,
+        stream: Stream,
+        host: str,
+        port: int,
+        addresses: list[Address],
+        label: str = "the peer's -L",
     ) -> None:
-        accept = preamble.encode(preamble.Accept())
+        """Connect to the target and splice it to `stream`; the splice outlives this task
+        (it lives on callbacks, owned by `serving`), and its end is logged here."""
+
+        def ended(splice: Splice, error: BaseException | None) -> None:
+            serving.splices.discard(splice)
+            if error is None or session_ended(error):
+                return
+            if isinstance(error, TeteError):
+                log.info("%s: connection to %s ended: %s", label, endpoint(host, port), error)
+            else:
+                self._warn(
+                    "stream-failed", "a stream from the peer failed and was reset: %r", error
+                )
+                log.debug("stream failure", exc_info=error)
+                stream.reset()
+
         try:
-            await connect_and_splice(
+            splice = await connect_splice(
                 stream,
                 host,
                 port,
                 [(a.family, a.sockaddr) for a in addresses],
-                answer=accept,
+                answer=ACCEPT,
                 per_address=CONNECT_TIMEOUT,
+                on_end=ended,
             )
         except ConnectFailed as exc:
             self._warn("connect-failed", "%s: %s", label, exc)
             preamble.refuse(stream, str(exc))
-        except (Closed, LinkBroken):
-            pass
-        except TeteError as exc:
-            log.info("%s: connection to %s ended: %s", label, endpoint(host, port), exc)
+            return
+        if not splice.ended:
+            serving.splices.add(splice)
 
     async def _serve_listen(self, session: Session, stream: Stream, host: str, port: int) -> None:
         """Listen for the peer while its control stream is open; each connection goes back."""

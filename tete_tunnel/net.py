@@ -97,6 +97,15 @@ class Address:
         return str(self.sockaddr[0])
 
 
+def is_ip_literal(host: str) -> bool:
+    """`host` is an IP address (resolve() answers it without a resolver)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def resolve(host: str, port: int, *, passive: bool = False) -> list[Address]:
     """Addresses for host:port; an IP literal needs no resolver (asyncio would use a thread)."""
     try:

@@ -3,7 +3,8 @@
 OpenSSH's PermitOpen / PermitListen / GatewayPorts are the model. By default a peer may
 make us connect only to loopback targets and listen only on our loopback; patterns widen
 that. Checked on every open, after name resolution, and the connection then goes to the
-addresses that were checked (a name cannot change its answer in between).
+addresses that were checked (a name cannot change its answer in between). A target given
+as an IP address gets the same verdict every time; `forward` remembers it.
 
 Pattern syntax: `host:port`, `host:*` (any port), `*:port` (any host), `[v6addr]:port`,
 or `any` (everything).

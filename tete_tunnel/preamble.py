@@ -139,6 +139,19 @@ def decode(body: bytes) -> Request | Answer:
     raise PreambleError(f"malformed open message (kind {kind}, {len(rest)} bytes)")
 
 
+def parse(data: bytes) -> tuple[Request | Answer, int] | None:
+    """The message at the start of `data` and the bytes it took, or None while it is not
+    all there; PreambleError if it is malformed (a bad length is known after 2 bytes)."""
+    if len(data) < 2:
+        return None
+    (length,) = _LEN.unpack_from(data)
+    if not 0 < length <= MAX_LENGTH:
+        raise PreambleError(f"open message of {length} bytes (limit {MAX_LENGTH})")
+    if len(data) < 2 + length:
+        return None
+    return decode(data[2 : 2 + length]), 2 + length
+
+
 class ByteReader(Protocol):
     """What reading a preamble needs of a stream."""
 

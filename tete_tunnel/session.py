@@ -94,7 +94,28 @@ class Consumer(Protocol):
 
 
 class Stream:
-    """One mux stream with the shape of asyncio's StreamReader/StreamWriter pair."""
+    """One mux stream with the shape of asyncio's StreamReader/StreamWriter pair.
+
+    Its events are made when someone first waits on them: most streams of a forward are
+    served by callbacks and never wait, and a short connection should not pay for three.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_closed",
+        "_consumer",
+        "_discard",
+        "_drained",
+        "_eof",
+        "_eof_sent",
+        "_error",
+        "_is_closed",
+        "_readable",
+        "_session",
+        "id",
+        "on_drained",
+    )
 
     def __init__(self, session: Session, stream_id: int) -> None:
         self._session = session
@@ -104,9 +125,10 @@ class Stream:
         self._eof = False  # the peer's FIN arrived
         self._eof_sent = False
         self._error: BaseException | None = None
-        self._readable = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._closed = asyncio.Event()
+        self._readable: asyncio.Event | None = None  # made by the first wait
+        self._drained: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._is_closed = False
         self._discard = False
         self._consumer: Consumer | None = None
         self.on_drained: Callable[[], None] | None = None  # called when writes may go on
@@ -120,6 +142,8 @@ class Stream:
                 return b""
             if self._error is not None:
                 raise self._error
+            if self._readable is None:
+                self._readable = asyncio.Event()
             self._readable.clear()
             await self._readable.wait()
         if n < 0 or n >= len(self._buffer[0]):
@@ -152,14 +176,24 @@ class Stream:
     def attach(self, consumer: Consumer) -> None:
         """From now on, incoming data goes to `consumer`; it grants credit with credit()."""
         self._consumer = consumer
-        while self._buffer:
+        while self._buffer and self._consumer is consumer:  # it may detach() on the way
             data = self._buffer.popleft()
             self._buffered -= len(data)
             consumer.stream_data(data)
+        if self._consumer is not consumer:
+            return
         if self._eof:
             consumer.stream_eof()
         elif self._error is not None:
             consumer.stream_error(self._error)
+
+    def detach(self, unused: bytes = b"") -> None:
+        """Stop handing data to the consumer; `unused` (data it was given and did not use)
+        is read first, by read() or by the next consumer."""
+        self._consumer = None
+        if unused:
+            self._buffer.appendleft(unused)
+            self._buffered += len(unused)
 
     def credit(self, n: int) -> None:
         """The application has taken n bytes: the peer may send that much more."""
@@ -185,6 +219,8 @@ class Stream:
         while self.write_blocked:
             if self._error is not None:
                 raise self._error
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             await self._drained.wait()
         if self._error is not None:
@@ -212,6 +248,10 @@ class Stream:
 
     async def wait_closed(self) -> None:
         """Until both directions have ended (or the stream was reset)."""
+        if self._is_closed:
+            return
+        if self._closed is None:
+            self._closed = asyncio.Event()
         await self._closed.wait()
 
     def is_closing(self) -> bool:
@@ -224,6 +264,11 @@ class Stream:
 
     # -- called by the session ----------------------------------------------------------
 
+    def _set_closed(self) -> None:
+        self._is_closed = True
+        if self._closed is not None:
+            self._closed.set()
+
     def _data(self, data: bytes) -> None:
         self._session.bytes_received += len(data)
         if self._discard:
@@ -233,16 +278,19 @@ class Stream:
         else:
             self._buffer.append(data)
             self._buffered += len(data)
-            self._readable.set()
+            if self._readable is not None:
+                self._readable.set()
 
     def _ended(self) -> None:
         self._eof = True
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
         if self._consumer is not None:
             self._consumer.stream_eof()
 
     def _writable(self) -> None:
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
         if self.on_drained is not None:
             self.on_drained()
 
@@ -250,9 +298,11 @@ class Stream:
         first = self._error is None
         if first:
             self._error = error
-        self._readable.set()
-        self._drained.set()
-        self._closed.set()
+        if self._readable is not None:
+            self._readable.set()
+        if self._drained is not None:
+            self._drained.set()
+        self._set_closed()
         if first and notify and self._consumer is not None and not self._eof:
             self._consumer.stream_error(error)
 
@@ -314,6 +364,7 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self._incoming: deque[Stream] = deque()  # bounded by the core's pending limit
         self._incoming_ready = asyncio.Event()  # set when a stream arrives or the session ends
+        self._handler: Callable[[Stream], None] | None = None  # see serve_streams
         self._writing_paused = False
         self._flush_scheduled = False
         self._pending_finish: tuple[LinkBroken | None] | None = None
@@ -463,8 +514,9 @@ class Session:
         self._schedule_flush()
         return stream
 
-    async def accept(self) -> Stream:
-        """The next stream the peer opened (its ACK goes out now).
+    async def accept(self, *, ack_now: bool = True) -> Stream:
+        """The next stream the peer opened (its ACK goes out now, or with `ack_now=False`
+        on our first frame on it: the caller answers every open soon, see preamble).
 
         Raises Closed once the peer is leaving in order (it opens nothing more) or the
         session has closed, and the LinkBroken error if it broke.
@@ -478,10 +530,35 @@ class Session:
             await self._incoming_ready.wait()
         stream = self._incoming.popleft()
         self.streams_opened += 1
-        if self.conn.terminated is None and stream.id in self.conn.stream_ids:
-            self.conn.accept_stream(stream.id)
-            self._schedule_flush()
+        if self.conn.terminated is None and self.conn.has_stream(stream.id):
+            self.conn.accept_stream(stream.id, ack_now=ack_now)
+            if ack_now:
+                self._schedule_flush()
         return stream
+
+    def serve_streams(self, handler: Callable[[Stream], None] | None) -> None:
+        """Hand every stream the peer opens to `handler`, inside the dispatch of its first
+        frame (no task, no loop turn per stream), accepted with its ACK riding on our first
+        frame on it: the handler answers every open (or resets it). Streams waiting for
+        accept() go first. None: back to accept()."""
+        self._handler = handler
+        while handler is not None and self._incoming and not self.ended.is_set():
+            self._hand_over(self._incoming.popleft(), handler)
+
+    def _hand_over(self, stream: Stream, handler: Callable[[Stream], None]) -> None:
+        self.streams_opened += 1
+        if self.conn.terminated is None and self.conn.has_stream(stream.id):
+            self.conn.accept_stream(stream.id, ack_now=False)
+        self._contain(stream, handler, stream)
+
+    async def peer_leaving(self) -> None:
+        """Until the peer leaves in order (its go-away) or the session ends; raises the
+        LinkBroken error if it broke (as accept() would)."""
+        while not (self.ended.is_set() or self.peer_closing.is_set()):
+            self._incoming_ready.clear()
+            await self._incoming_ready.wait()
+        if self.ended.is_set() and self.error is not None:
+            raise self.error
 
     def _stream_high_water(self) -> int:
         if self.conn.queued_bytes > SEND_BUDGET:
@@ -519,7 +596,7 @@ class Session:
         for stream_id in self.conn.pop_closed():
             stream = self._streams.pop(stream_id, None)
             if stream is not None:
-                stream._closed.set()
+                stream._set_closed()
         if not self._streams:
             self._streams_gone.set()
 
@@ -566,8 +643,11 @@ class Session:
                     self._contain(stream, stream._data, event.data)
             elif isinstance(event, ev.StreamOpened):
                 stream = self._streams[event.stream_id] = Stream(self, event.stream_id)
-                self._incoming.append(stream)
-                self._incoming_ready.set()
+                if self._handler is not None:
+                    self._hand_over(stream, self._handler)
+                else:
+                    self._incoming.append(stream)
+                    self._incoming_ready.set()
             elif isinstance(event, ev.StreamEnded):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import struct
 from collections.abc import Callable
 
 from tete_tunnel import preamble
@@ -57,7 +56,7 @@ class Splice(asyncio.Protocol):
         self._on_made = on_made
         self.on_end = on_end
         self.stream: Stream | None = None
-        self.answer: bytearray | None = bytearray() if answer_pending else None
+        self.answer: bytes | None = b"" if answer_pending else None  # what came of it so far
         self.ended = False
         self.transport: asyncio.Transport | None = None
         self.up_done = False  # TCP EOF passed on as FIN
@@ -80,12 +79,14 @@ class Splice(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
-        self.transport.pause_reading()  # until start() gives us a stream
-        self.reading_paused = True
         try:
-            self._on_made(self)
+            self._on_made(self)  # usually start()s at once: no pause and resume then
         except Exception as exc:
             self.fail(OpenFailed(str(exc) or "no stream for the connection"))
+            return
+        if self.stream is None and not self.ended:
+            self.transport.pause_reading()  # until start() gives us a stream
+            self.reading_paused = True
 
     def start(self, stream: Stream) -> None:
         """Splice the connection to `stream` (its request, if any, is already written)."""
@@ -186,23 +187,18 @@ class Splice(asyncio.Protocol):
     def _take_answer(self, data: bytes) -> bytes:
         """Collect the peer's answer; return the data behind it once it is complete."""
         assert self.answer is not None and self.stream is not None
-        self.answer += data
-        if len(self.answer) < 2:
-            return b""
-        (length,) = struct.unpack("!H", self.answer[:2])
-        if not 0 < length <= preamble.MAX_LENGTH:
-            self.fail(preamble.PreambleError(f"answer of {length} bytes"))
-            return b""
-        if len(self.answer) < 2 + length:
-            return b""
+        head = self.answer + data if self.answer else data  # usually whole in one piece
         try:
-            answer = preamble.decode(bytes(self.answer[2 : 2 + length]))
+            found = preamble.parse(head)
         except preamble.PreambleError as exc:
-            self.fail(exc)
+            self.fail(preamble.PreambleError(f"bad answer: {exc}"))
             return b""
-        rest = bytes(self.answer[2 + length :])
+        if found is None:
+            self.answer = head
+            return b""
+        answer, used = found
         self.answer = None
-        self.stream.credit(2 + length)  # the rest is credited as it is passed on
+        self.stream.credit(used)  # the rest is credited as it is passed on
         if isinstance(answer, preamble.Refuse):
             self.fail(Refused(answer.reason))
             return b""
@@ -210,7 +206,7 @@ class Splice(asyncio.Protocol):
             self.fail(preamble.PreambleError(f"unexpected answer {answer!r}"))
             return b""
         self.accepted()
-        return rest
+        return head[used:]
 
     def accepted(self) -> None:
         """The peer answered ACCEPT; its data follows (a SOCKS client's reply goes first)."""
@@ -276,7 +272,7 @@ class ConnectFailed(TeteError):
     """No address of the target answered; nothing was written to the stream."""
 
 
-async def connect_and_splice(
+async def connect_splice(
     stream: Stream,
     host: str,
     port: int,
@@ -284,21 +280,15 @@ async def connect_and_splice(
     *,
     answer: bytes,
     per_address: float,
-) -> None:
+    on_end: Callable[[Splice, BaseException | None], None],
+) -> Splice:
     """Connect to the first address that answers, then `answer` the stream and splice.
 
-    Runs until both directions have ended; raises ConnectFailed, StreamReset, LinkBroken...
+    Returns once connected: the splice then lives on callbacks, and `on_end` reports its
+    end (no task waits for it). Raises ConnectFailed, with nothing written to the stream.
     The connection is made by the loop (one call: no per-socket set-up of our own).
     """
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_end(_: Splice, error: BaseException | None) -> None:
-        if not done.done():
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
 
     def made(splice: Splice) -> None:
         stream.write(answer)  # before any data of the target's
@@ -310,18 +300,11 @@ async def connect_and_splice(
         try:
             async with asyncio.timeout(per_address):
                 await loop.create_connection(lambda: protocol, *address[:2], family=family)
-            break
+            return protocol
         except TimeoutError:
             last = OSError(errno.ETIMEDOUT, "timed out")
         except OSError as exc:
             last = exc
-    else:
-        # asyncio words failures as "Connect call failed (...)": say what errno means.
-        reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
-        raise ConnectFailed(f"cannot connect to {endpoint(host, port)}: {reason}")
-    try:
-        await done
-    except asyncio.CancelledError:
-        done.cancel()
-        protocol.abort()
-        raise
+    # asyncio words failures as "Connect call failed (...)": say what errno means.
+    reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
+    raise ConnectFailed(f"cannot connect to {endpoint(host, port)}: {reason}")

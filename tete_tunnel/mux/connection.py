@@ -198,6 +198,9 @@ class Connection:
     def stream_ids(self) -> list[int]:
         return list(self._streams)
 
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
     def send_buffered(self, stream_id: int) -> int:
         """Bytes the application wrote on a stream that are not yet framed."""
         stream = self._streams.get(stream_id)
@@ -231,13 +234,17 @@ class Connection:
         self._mark_ready(stream_id)
         return stream_id
 
-    def accept_stream(self, stream_id: int) -> None:
+    def accept_stream(self, stream_id: int, *, ack_now: bool = True) -> None:
+        """Accept the peer's open: a bare ACK goes out now, or with `ack_now=False` the ACK
+        rides on our first frame on the stream (yamux allows either), which saves a frame,
+        and a TLS record, when the application answers soon anyway."""
         stream = self._get(stream_id)
         if stream_id not in self._pending_accepts:
             raise LocalProtocolError(f"stream {stream_id} is not waiting to be accepted")
         self._pending_accepts.discard(stream_id)
         stream.need_ack = True
-        self._mark_ready(stream_id)
+        if ack_now:
+            self._mark_ready(stream_id)
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         stream = self._get(stream_id)

@@ -20,6 +20,10 @@ from tete_tunnel.mux.errors import LocalProtocolError, ProtocolError
 
 
 class StreamState(Enum):
+    # Members are singletons: hash by identity (C) instead of Enum's hash of the name (a
+    # Python call), since every frame and write looks up the table by (state, input).
+    __hash__ = object.__hash__
+
     OPEN = auto()
     HALF_CLOSED_LOCAL = auto()  # we sent FIN
     HALF_CLOSED_REMOTE = auto()  # they sent FIN
@@ -27,6 +31,8 @@ class StreamState(Enum):
 
 
 class StreamInput(Enum):
+    __hash__ = object.__hash__  # as StreamState's
+
     SEND_DATA = auto()
     SEND_FIN = auto()
     SEND_RST = auto()
