@@ -927,7 +927,16 @@ class Tete(Tunnel):
         forward = f"{self.port}:127.0.0.1:{self.site.sink_port}"
         sides = [  # the serving peer first, then the -L peer; both are timed from the first
             ("b", self.site.server_ns, self.site.client_addr, pb, pa, "a", []),
-            ("a", self.site.client_ns, self.site.server_addr, pa, pb, "b", ["-L", forward]),
+            # --max-connections: the idle row holds 1,000 connections, over the default 512
+            (
+                "a",
+                self.site.client_ns,
+                self.site.server_addr,
+                pa,
+                pb,
+                "b",
+                ["-L", forward, "--max-connections", "4096"],
+            ),
         ]
         watchers: list[tuple[subprocess.Popen[bytes], LineWatcher, LineWatcher, str]] = []
         began = time.monotonic()
