@@ -138,6 +138,7 @@ class TLSSocketTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
+        self._pause_reader()  # as asyncio's transports: no data for the protocol after close
         self._shutdown_timer = self._loop.call_later(SHUTDOWN_TIMEOUT, self._shutdown_expired)
         if not self._queue and self._retry is None:
             self._start_shutdown()
@@ -149,6 +150,8 @@ class TLSSocketTransport(asyncio.Transport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        if self._buffered:
+            self._small = None  # the handshake's read buffer: not needed any more
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
@@ -224,7 +227,7 @@ class TLSSocketTransport(asyncio.Transport):
     # -- reading -----------------------------------------------------------------------
 
     def _read_ready(self) -> None:
-        if self._sock is None or self._read_paused or self._eof or self._shutting_down:
+        if self._sock is None or self._read_paused or self._eof or self._closing:
             return
         if self._write_wants_read:
             self._write_wants_read = False
