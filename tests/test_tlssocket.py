@@ -55,10 +55,10 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], 
 class Collector(asyncio.BufferedProtocol):
     """Hashes what arrives; records the end and the flow-control calls."""
 
-    def __init__(self, keep_open_at_eof: bool = False) -> None:
+    def __init__(self, keep_open_at_eof: bool = False, buffer_size: int = 256 * 1024) -> None:
         loop = asyncio.get_running_loop()
         self.transport: Any = None
-        self.buffer = memoryview(bytearray(256 * 1024))
+        self.buffer = memoryview(bytearray(buffer_size))
         self.digest = hashlib.sha256()
         self.received = 0
         self.keep_open = keep_open_at_eof
@@ -249,6 +249,36 @@ def test_large_transfers_both_ways_at_once(ids, run) -> None:
         assert pa.received == len(down) and pb.received == len(up)
 
     run(main())
+
+
+def test_what_openssl_holds_is_read_though_the_socket_is_quiet(ids, run) -> None:
+    """One 10,000-byte record into a 1,000-byte buffer: after the first read the rest sits
+    decrypted inside OpenSSL and the socket has nothing to say, so the transport must
+    come back for it by itself."""
+    data = os.urandom(10_000)
+
+    async def main() -> Collector:
+        proto = Collector(buffer_size=1000)
+        transport, peer = await peer_pair(ids, proto)
+        go = threading.Event()
+
+        def script(tls: ssl.SSLSocket) -> tuple[bytes, str]:
+            tls.sendall(data)  # one record
+            go.wait()
+            return read_to_end(tls)
+
+        running = asyncio.create_task(peer.run(script))
+        try:
+            await proto.until(len(data))
+        finally:
+            go.set()
+        transport.close()
+        assert (await running)[1] == "close_notify"
+        assert await proto.lost is None
+        return proto
+
+    proto = run(main())
+    assert proto.digest.digest() == hashlib.sha256(data).digest()
 
 
 def test_close_sends_what_is_queued_then_close_notify(ids, run) -> None:
