@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tete_tunnel import hello as msg
+from tete_tunnel import tlssocket
 from tete_tunnel.carrier import Carrier
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, fingerprint, format_id
@@ -155,14 +156,25 @@ def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.
 
 
 async def _tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> Carrier:
-    loop = asyncio.get_running_loop()
-    carrier = Carrier()  # not the returned protocol: uvloop returns its SSL layer there
-    if server_side:
-        await loop.connect_accepted_socket(lambda: carrier, sock, ssl=ctx)
-    else:
-        await loop.create_connection(
-            lambda: carrier, sock=sock, ssl=ctx, server_hostname="tete-tunnel"
-        )
+    """TLS with OpenSSL on the socket itself (tlssocket: no memory BIOs, fewer copies).
+
+    The SSLSocket takes over the socket's descriptor (`sock` is detached): on failure it is
+    closed here, and the caller's `sock.close()` is then harmless.
+    """
+    tls_sock = ctx.wrap_socket(
+        sock,
+        server_side=server_side,
+        do_handshake_on_connect=False,
+        suppress_ragged_eofs=False,
+        server_hostname=None if server_side else "tete-tunnel",
+    )
+    try:
+        await tlssocket.handshake(tls_sock)
+    except BaseException:
+        tls_sock.close()
+        raise
+    carrier = Carrier()
+    tlssocket.TLSSocketTransport(asyncio.get_running_loop(), tls_sock, carrier).start()
     return carrier
 
 
