@@ -311,15 +311,18 @@ def assert_terminal_safe(err: bytes, shown: str) -> None:
     assert shown in text, text
 
 
-def identity_beside(tmp: Path, fingerprint: bytes, *, above: bool) -> Path:
-    """An identity directory whose fingerprint is larger than `fingerprint` (above: its
-    holder is the TLS server, the other side the TLS client, which opens a pipe) or
-    smaller."""
-    for i in range(64):
-        directory = tmp / f"attacker-{i}"
-        if (load_or_create(directory).fingerprint > fingerprint) == above:
-            return directory
-    raise AssertionError("64 identities, none on that side")
+def identity_beside(tmp: Path, victim: Path, *, above: bool) -> Path:
+    """A fresh identity directory whose fingerprint is larger than the victim's (above: its
+    holder is the TLS server, the other side the TLS client, which opens a pipe) or smaller.
+    Call it before the victim starts: when the new one falls on the wrong side, the two
+    directories swap names (drawing until one fell right failed 1 run in 65)."""
+    attacker = tmp / "attacker-beside"
+    if (load_or_create(attacker).fingerprint > load_or_create(victim).fingerprint) != above:
+        os.rename(victim, tmp / "swap")
+        os.rename(attacker, victim)
+        os.rename(tmp / "swap", attacker)
+    assert (load_or_create(attacker).fingerprint > load_or_create(victim).fingerprint) == above
+    return attacker
 
 
 async def forwarded_port(victim: Victim) -> int:
@@ -354,10 +357,9 @@ def test_a_peers_refusal_text_is_shown_escaped(
     `pipe`: the victim is the TLS client (the attacker's identity is picked so), so it opens
     the pipe stream and gets the refusal. `forward -L`: a client connects, the victim opens
     CONNECT, gets the refusal, logs it and goes on. `forward -R`: its LISTEN is refused."""
-    victim_fp = load_or_create(tmp_path / "victim").fingerprint
     if victim_kind == "pipe":
+        attacker_dir = identity_beside(tmp_path, tmp_path / "victim", above=True)
         victim = start_pipe(procs, tmp_path, stdin=b"never sent", timeout=30)
-        attacker_dir = identity_beside(tmp_path, victim_fp, above=True)
     else:
         option = "-L" if victim_kind == "forward-L" else "-R"
         victim = start_victim(
@@ -426,15 +428,19 @@ def test_strangers_are_dropped_and_the_real_peer_links(
     stall at once while the real peer comes. Every one is dropped and logged, the victim
     never gives up, and the real peer links and the transfer completes without waiting for
     the stallers' 10 s deadline."""
-    victim_identity = load_or_create(tmp_path / "victim")
-    peer_identity = load_or_create(tmp_path / "peer")
     # A stranger the victim is TLS server to (docs/PROTOCOL.md §4.5): in unverified mode the
-    # victim takes its certificate and sends its FINISH first, revealing its nonce.
-    stranger = next(
-        s
-        for s in (load_or_create(tmp_path / f"stranger{i}") for i in range(64))
-        if s.fingerprint < victim_identity.fingerprint
-    )
+    # victim takes its certificate and sends its FINISH first, revealing its nonce. Of two
+    # fresh identities the larger fingerprint is the victim's (picking a stranger from 64
+    # random ones failed whenever none was smaller: 1 run in 65).
+    first, second = load_or_create(tmp_path / "victim"), load_or_create(tmp_path / "stranger")
+    if second.fingerprint > first.fingerprint:
+        os.rename(tmp_path / "victim", tmp_path / "swap")
+        os.rename(tmp_path / "stranger", tmp_path / "victim")
+        os.rename(tmp_path / "swap", tmp_path / "stranger")
+    victim_identity = load_or_create(tmp_path / "victim")
+    stranger = load_or_create(tmp_path / "stranger")
+    assert stranger.fingerprint < victim_identity.fingerprint
+    peer_identity = load_or_create(tmp_path / "peer")
     victim_auth, peer_auth = {
         "peer-id": (["--peer-id", peer_identity.id], ["--peer-id", victim_identity.id]),
         "unverified": ([], []),
@@ -721,8 +727,7 @@ def test_merged_drops_are_counted_before_the_link_is_announced(
 def test_a_drop_during_tls_names_its_cause(procs: Procs, tmp_path: Path) -> None:
     """A connection closed by the other side during TLS, the victim being the TLS server:
     the drop line, and the error at --timeout, say why (not "TLS handshake failed: ")."""
-    victim_fp = load_or_create(tmp_path / "victim").fingerprint
-    middleman = load_or_create(identity_beside(tmp_path, victim_fp, above=False))
+    middleman = load_or_create(identity_beside(tmp_path, tmp_path / "victim", above=False))
     victim = start_pipe(procs, tmp_path, stdin=b"from the victim", timeout=3)
 
     async def attack() -> int:
