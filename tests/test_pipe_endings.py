@@ -35,6 +35,12 @@ CHUNK = 64 * 1024
 FORBIDDEN = ("Traceback", "Exception in thread", "never awaited")
 # Pairs of peers run at once in the repeated scenarios (2 cores: more only adds waiting).
 BATCH = 4
+# Held while a repetition starts its processes, and while one closes the write end of its
+# child's stdin and signals the child at once: between fork and exec a child started by
+# another repetition's thread holds copies of our descriptors, so the pipe would not yet
+# read as closed (POLLHUP) when the signal lands, and the race under test would be lost
+# to the harness.
+SPAWNING = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -289,8 +295,9 @@ def test_signal_right_after_input_ends_still_ends_in_order(
         last = [os.urandom(36), os.urandom(60)]
         r, w = os.pipe()
         try:
-            us = procs.start(_pipe_args(args_a, d / "a"), stdin_fd=r, name=f"us{i}")
-            peer = procs.start(_pipe_args(args_b, d / "b"), name=f"peer{i}")
+            with SPAWNING:
+                us = procs.start(_pipe_args(args_a, d / "a"), stdin_fd=r, name=f"us{i}")
+                peer = procs.start(_pipe_args(args_b, d / "b"), name=f"peer{i}")
         finally:
             os.close(r)
         try:
@@ -305,8 +312,9 @@ def test_signal_right_after_input_ends_still_ends_in_order(
                 for packet in last:
                     os.write(w, packet)
             finally:
-                os.close(w)
-            us.signal(signal.SIGHUP)
+                with SPAWNING:
+                    os.close(w)
+                    us.signal(signal.SIGHUP)
             rc_us, rc_peer = us.wait(20), peer.wait(20)
         finally:
             _end(us, peer)
