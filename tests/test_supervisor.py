@@ -202,19 +202,35 @@ def test_pipe_peer_interrupted_is_an_aborted_transfer_on_the_other_side() -> Non
     assert isinstance(b, TransferAborted) and "the peer aborted the transfer" in str(b)
 
 
+async def _echo_target_and_its_forward() -> tuple[asyncio.Server, Forwarder]:
+    """An echo server, and a Forwarder with -L from a free port to it."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())
+        await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    spec = parse_spec(f"0:127.0.0.1:{target.sockets[0].getsockname()[1]}", "-L")
+    return target, Forwarder(local=[spec], remote=[], policy=Policy())
+
+
+async def _through(app: Forwarder, payload: bytes) -> bytes:
+    """What comes back through the app's -L for `payload` (sent, then our FIN)."""
+    port = app.relays[0].sock.getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
 def test_forward_reconnects_under_the_same_listener_and_is_stopped_in_order() -> None:
     async def main() -> tuple[list[bytes], Ending, Ending, int]:
         net = Network()
 
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(await reader.read())
-            await writer.drain()
-            writer.close()
-
-        target = await asyncio.start_server(echo, "127.0.0.1", 0)
-        target_port = target.sockets[0].getsockname()[1]
-        spec = parse_spec(f"0:127.0.0.1:{target_port}", "-L")
-        client_app = Forwarder(local=[spec], remote=[], policy=Policy())
+        target, client_app = await _echo_target_and_its_forward()
         server_app = Forwarder(local=[], remote=[], policy=Policy())
         stop_a, stop_b = asyncio.Event(), asyncio.Event()
         alive = Keepalive(interval=0.5, timeout=2)
@@ -225,22 +241,13 @@ def test_forward_reconnects_under_the_same_listener_and_is_stopped_in_order() ->
             supervise(PairConnector(net, "b"), server_app, timeout=10, keepalive=alive, stop=stop_b)
         )
 
-        async def through(payload: bytes) -> bytes:
-            port = client_app.relays[0].sock.getsockname()[1]
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(payload)
-            writer.write_eof()
-            data = await reader.read()
-            writer.close()
-            return data
-
         await net.new_round.wait()
-        got = [await through(b"first link")]
+        got = [await _through(client_app, b"first link")]
         port_before = client_app.relays[0].sock.getsockname()[1]
         net.new_round.clear()
         net.cut()
         await net.new_round.wait()  # both sides came back on their own
-        got.append(await through(b"second link"))
+        got.append(await _through(client_app, b"second link"))
         assert client_app.relays[0].sock.getsockname()[1] == port_before
         stop_a.set()
         ending_a, ending_b = await asyncio.gather(sa, sb)
@@ -337,15 +344,7 @@ def test_the_side_that_finishes_the_upgrade_later_follows_the_peer(late_side: st
     async def main() -> tuple[list[bytes], Ending, Ending]:
         net, direct = Network(), Network()
 
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(await reader.read())
-            await writer.drain()
-            writer.close()
-
-        target = await asyncio.start_server(echo, "127.0.0.1", 0)
-        target_port = target.sockets[0].getsockname()[1]
-        spec = parse_spec(f"0:127.0.0.1:{target_port}", "-L")
-        client_app = Forwarder(local=[spec], remote=[], policy=Policy())
+        target, client_app = await _echo_target_and_its_forward()
         server_app = Forwarder(local=[], remote=[], policy=Policy())
         stop_a, stop_b = asyncio.Event(), asyncio.Event()
         late = {"a": 0.0, "b": 0.0, late_side: 1.0}
@@ -357,21 +356,12 @@ def test_the_side_that_finishes_the_upgrade_later_follows_the_peer(late_side: st
             supervise(connectors["b"], server_app, timeout=10, keepalive=None, stop=stop_b)
         )
 
-        async def through(payload: bytes) -> bytes:
-            port = client_app.relays[0].sock.getsockname()[1]
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(payload)
-            writer.write_eof()
-            data = await reader.read()
-            writer.close()
-            return data
-
         await direct.new_round.wait()
         await asyncio.sleep(2.0)  # both sides' direct links are ready by now
         assert not sa.done() and not sb.done(), (sa, sb)
         # both sides retired and closed the relayed link: what goes through takes the direct one
         assert [sock.fileno() for sock in net.rounds[0]] == [-1, -1]
-        got = [await through(b"after the upgrade")]
+        got = [await _through(client_app, b"after the upgrade")]
         stop_a.set()
         ending_a, ending_b = await asyncio.gather(sa, sb)
         target.close()
