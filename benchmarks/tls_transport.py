@@ -109,15 +109,7 @@ async def side(kind: str, sock: socket.socket, ctx, server: bool, total: int, se
             )
         transport = proto.transport
     else:
-        tls = ctx.wrap_socket(
-            sock,
-            server_side=server,
-            do_handshake_on_connect=False,
-            suppress_ragged_eofs=False,
-            server_hostname=None if server else "tete-tunnel",
-        )
-        await tlssocket.handshake(tls)
-        tlssocket.TLSSocketTransport(loop, tls, proto).start()
+        await tlssocket.open_transport(sock, ctx, server, proto)
         transport = proto.transport
     transport.set_write_buffer_limits(high=HIGH_WATER)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)

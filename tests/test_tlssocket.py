@@ -153,17 +153,7 @@ async def ours(
     sock: socket.socket, ctx: ssl.SSLContext, server: bool, proto: asyncio.BaseProtocol
 ) -> tlssocket.TLSSocketTransport:
     sock.setblocking(False)
-    tls = ctx.wrap_socket(
-        sock,
-        server_side=server,
-        do_handshake_on_connect=False,
-        suppress_ragged_eofs=False,
-        server_hostname=None if server else "tete-tunnel",
-    )
-    await tlssocket.handshake(tls)
-    transport = tlssocket.TLSSocketTransport(asyncio.get_running_loop(), tls, proto)
-    transport.start()
-    return transport
+    return await tlssocket.open_transport(sock, ctx, server, proto)
 
 
 class Peer:

@@ -156,25 +156,9 @@ def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.
 
 
 async def _tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> Carrier:
-    """TLS with OpenSSL on the socket itself (tlssocket: no memory BIOs, fewer copies).
-
-    The SSLSocket takes over the socket's descriptor (`sock` is detached): on failure it is
-    closed here, and the caller's `sock.close()` is then harmless.
-    """
-    tls_sock = ctx.wrap_socket(
-        sock,
-        server_side=server_side,
-        do_handshake_on_connect=False,
-        suppress_ragged_eofs=False,
-        server_hostname=None if server_side else "tete-tunnel",
-    )
-    try:
-        await tlssocket.handshake(tls_sock)
-    except BaseException:
-        tls_sock.close()
-        raise
+    """TLS with OpenSSL on the socket itself (tlssocket: no memory BIOs, fewer copies)."""
     carrier = Carrier()
-    tlssocket.TLSSocketTransport(asyncio.get_running_loop(), tls_sock, carrier).start()
+    await tlssocket.open_transport(sock, ctx, server_side, carrier)
     return carrier
 
 

@@ -48,6 +48,32 @@ SHUTDOWN_TIMEOUT = 30.0
 CORK_ABOVE = 32 * 1024
 
 
+async def open_transport(
+    sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, protocol: asyncio.BaseProtocol
+) -> TLSSocketTransport:
+    """TLS over a connected non-blocking socket, handshaken and started for `protocol`;
+    the caller bounds the time.
+
+    The SSLSocket takes over the socket's descriptor (`sock` is detached): on failure it is
+    closed here, and the caller's `sock.close()` is then harmless.
+    """
+    tls_sock = ctx.wrap_socket(
+        sock,
+        server_side=server_side,
+        do_handshake_on_connect=False,
+        suppress_ragged_eofs=False,
+        server_hostname=None if server_side else "tete-tunnel",
+    )
+    try:
+        await handshake(tls_sock)
+    except BaseException:
+        tls_sock.close()
+        raise
+    transport = TLSSocketTransport(asyncio.get_running_loop(), tls_sock, protocol)
+    transport.start()
+    return transport
+
+
 async def handshake(sock: ssl.SSLSocket) -> None:
     """Run the TLS handshake on a non-blocking SSLSocket; the caller bounds the time."""
     loop = asyncio.get_running_loop()
