@@ -27,7 +27,8 @@ KEEPALIVE = ["--keepalive-interval", "2", "--keepalive-timeout", "6"]
 def peers(
     lab: NatLab, procs: Procs, tmp: Path, command: str, a_args: list[str], b_args: list[str], **kw
 ) -> tuple[Proc, Proc]:
-    link_a, link_b = pair_args(PORT_A, PORT_B, lab.alice_public, lab.bob_public)
+    port_a, port_b = kw.get("ports", (PORT_A, PORT_B))
+    link_a, link_b = pair_args(port_a, port_b, lab.alice_public, lab.bob_public)
     a = procs.start(
         [command, *link_a, "--identity", str(tmp / "a"), *a_args],
         prefix=in_ns(lab, "alice"),
@@ -150,7 +151,17 @@ def test_64_mib_each_way_through_a_lossy_slow_path_arrive_intact(
 
         # -L: an echo through the forward, 64 MiB up and the same 64 MiB back at once
         echo = server(lab, procs, "bob", "echo", "0")
-        fa, fb = peers(lab, procs, tmp_path, "forward", ["-L", f"0:127.0.0.1:{echo}"], [])
+        # Ports of their own: once (1 CI run in ~6) alice's --lport was still held in her
+        # namespace just after the pipe step ended ("already in use by python"); not explained.
+        fa, fb = peers(
+            lab,
+            procs,
+            tmp_path,
+            "forward",
+            ["-L", f"0:127.0.0.1:{echo}"],
+            [],
+            ports=(PORT_A + 1, PORT_B + 1),
+        )
         port = int(wait_for_text(fa.out_path, "Forwarding", 60).split(":")[1].split()[0])
         client = procs.start(
             [],
