@@ -108,15 +108,25 @@ class Collector(asyncio.BufferedProtocol):
             await self.arrived.wait()
 
 
-async def send_all(proto: Collector, data: bytes, chunks: list[int]) -> int:
-    """Write `data` in pieces of the given sizes, waiting whenever the transport pauses us;
+async def send_all(proto: Collector, data: bytes, chunks: list[int], lines: bool = False) -> int:
+    """Write `data` in pieces of the given sizes, waiting whenever the transport pauses us
+    (with `lines`, three pieces at a time through writelines, as views of `data`);
     returns the most the transport ever held."""
     most, at = 0, 0
-    for size in chunks:
+    view = memoryview(data)
+    step = 3 if lines else 1
+    for i in range(0, len(chunks), step):
         while proto.paused:
             await proto.resumed.wait()
-        proto.transport.write(data[at : at + size])
-        at += size
+        if lines:
+            parts = []
+            for size in chunks[i : i + step]:
+                parts.append(view[at : at + size])
+                at += size
+            proto.transport.writelines(parts)
+        else:
+            proto.transport.write(data[at : at + chunks[i]])
+            at += chunks[i]
         most = max(most, proto.transport.get_write_buffer_size())
         await asyncio.sleep(0)
     assert at == len(data)
@@ -213,7 +223,8 @@ def summary(data: bytes) -> bytes:
     return hashlib.sha256(data).digest() + len(data).to_bytes(8, "big")
 
 
-def test_large_transfers_both_ways_at_once(ids, run) -> None:
+@pytest.mark.parametrize("lines", [False, True], ids=["write", "writelines"])
+def test_large_transfers_both_ways_at_once(ids, run, lines: bool) -> None:
     """32 MiB each way at the same time, written in odd sizes (1 byte to 600 KiB)."""
     up, down = os.urandom(32 * MiB), os.urandom(32 * MiB)
 
@@ -225,8 +236,8 @@ def test_large_transfers_both_ways_at_once(ids, run) -> None:
         for t in (ta, tb):
             t.set_write_buffer_limits(high=512 * 1024)
         await asyncio.gather(
-            send_all(pa, up, pieces(len(up), 1)),
-            send_all(pb, down, pieces(len(down), 2)),
+            send_all(pa, up, pieces(len(up), 1), lines),
+            send_all(pb, down, pieces(len(down), 2), lines),
             pa.until(len(down)),
             pb.until(len(up)),
         )
@@ -479,3 +490,27 @@ def test_extra_info_names_the_tls_session(ids, run) -> None:
         assert await proto.lost is None
 
     run(main())
+
+
+def test_writelines_joins_only_small_parts_and_ends_records_whole() -> None:
+    """Small parts (frame headers, short payloads) are joined with the head of the large
+    part behind them up to a record's end; the rest of a large part goes out as it is
+    (a view of it: not copied)."""
+    record = tlssocket.RECORD
+    big1, big2, big3 = os.urandom(300_000), os.urandom(100_000), os.urandom(70_000)
+    parts = [b"h" * 12, big1, b"i" * 12, b"d" * 700, big2, big3, b"j" * 12, b"t" * 5]
+    out = tlssocket._whole_records(parts)
+    assert b"".join(out) == b"".join(parts)
+    assert [len(o) for o in out] == [
+        record,
+        len(big1) - (record - 12),
+        record,
+        len(big2) - (record - 712),
+        len(big3),
+        17,
+    ]
+    for chunk, source in ((out[1], big1), (out[3], big2), (out[4], big3)):
+        assert isinstance(chunk, memoryview | bytes)
+        assert (chunk.obj if isinstance(chunk, memoryview) else chunk) is source
+    assert tlssocket._whole_records([b"only small", b"parts"]) == [b"only smallparts"]
+    assert tlssocket._whole_records([big1]) == [big1]

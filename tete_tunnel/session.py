@@ -204,6 +204,8 @@ class Stream:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             raise self._error
+        if type(data) is not bytes:
+            data = bytes(data)  # queued, and then written, by reference: the caller may reuse it
         self._session._send(self.id, data)
 
     @property
@@ -701,7 +703,7 @@ class Session:
             return
         conn, transport = self.conn, self._transport
         while not self._writing_paused and conn.has_data_to_send():
-            transport.write(b"".join(conn.data_to_send(WRITE_BATCH)))
+            transport.writelines(conn.data_to_send(WRITE_BATCH))
         self._reap()
         high_water = self._stream_high_water()
         for stream_id in list(self._dirty):
