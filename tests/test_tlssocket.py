@@ -514,3 +514,29 @@ def test_writelines_joins_only_small_parts_and_ends_records_whole() -> None:
         assert (chunk.obj if isinstance(chunk, memoryview) else chunk) is source
     assert tlssocket._whole_records([b"only small", b"parts"]) == [b"only smallparts"]
     assert tlssocket._whole_records([big1]) == [big1]
+
+
+def test_close_while_the_peer_still_sends_is_no_reset(ids, run) -> None:
+    """We close while the peer is still writing 64 MiB we never read: its writes go on
+    being taken (read and dropped), and it reads what we wrote, then close_notify. Closing
+    the socket with its data unread would have reset the connection: its write fails, and
+    our last records (a GO_AWAY saying why) may never be read."""
+
+    async def main() -> None:
+        proto = Collector()
+        transport, peer = await peer_pair(ids, proto)
+
+        def script(tls: ssl.SSLSocket) -> tuple[bytes, str]:
+            block = os.urandom(MiB)
+            for _ in range(64):  # more than the kernel's buffers hold
+                tls.sendall(block)
+            return read_to_end(tls)
+
+        peer_done = asyncio.ensure_future(peer.run(script))
+        await asyncio.sleep(0.05)  # the peer's data is arriving
+        transport.write(b"last words")
+        transport.close()
+        assert await asyncio.wait_for(peer_done, 30) == (summary(b"last words"), "close_notify")
+        assert await asyncio.wait_for(proto.lost, 5) is None
+
+    run(main())

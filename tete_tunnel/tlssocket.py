@@ -47,6 +47,8 @@ SHUTDOWN_TIMEOUT = 30.0
 # own (and on loopback be a packet of its own); corked, TCP fills its segments across
 # records, as it did when asyncio's transport wrote whole batches of records at once.
 CORK_ABOVE = 32 * 1024
+# While draining a peer that still sends after our close_notify: reads per loop turn.
+DRAIN_READS = 16
 
 
 async def open_transport(
@@ -475,7 +477,46 @@ class TLSSocketTransport(asyncio.Transport):
             self._loop.add_writer(self._fd, self._shutdown_step)
             self._writing = True
             return
+        except ssl.SSLError as exc:
+            if exc.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
+                self._drain()
+                return
         except OSError:  # the peer is gone or broke the exchange: we are closing anyway
+            pass
+        self._force_close(None)
+
+    def _drain(self) -> None:
+        """The peer still sends after our close_notify: FIN behind it, then read and drop
+        what comes until the peer closes too (or the shutdown timer, or the owner's
+        abort, ends it). Closing with its data unread would send an RST at once, and an
+        RST can destroy our last records (a GO_AWAY saying why) before the peer reads
+        them; its writes would fail, too."""
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.shutdown(socket.SHUT_WR)  # the TLS layer is done: the socket is plain now
+        except OSError:
+            self._force_close(None)
+            return
+        self._loop.add_reader(self._fd, self._drain_step)
+        self._reading = True
+        self._drain_step()
+
+    def _drain_step(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        if self._small is None:
+            self._small = memoryview(bytearray(SMALL_READ))
+        try:
+            for _ in range(DRAIN_READS):  # then other callbacks get a turn
+                if not sock.recv_into(self._small):
+                    break  # the peer's FIN: all read, so the close sends no RST
+            else:
+                return
+        except BlockingIOError:
+            return
+        except OSError:
             pass
         self._force_close(None)
 
