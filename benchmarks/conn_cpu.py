@@ -13,6 +13,11 @@ in alternating rounds so drift hits them alike; each cell is the median over the
 
 `--profile DIR` runs each peer under cProfile (DIR/<build>-<peer>-<mode>.prof; the
 figures are then the profiler's, not the code's).
+
+`--modes bulk` measures the data path instead: `--bulk-mib` (default 1024) one way through
+the -L, CPU seconds per GiB of each peer (a sends, b receives), MB/s, and each peer's read
+and write system calls (from /proc/PID/io): these show which of the two regimes of a
+loopback run it was (docs/PERFORMANCE.md, "Two speeds on loopback").
 """
 
 from __future__ import annotations
@@ -61,6 +66,26 @@ def measure(
     return a_us, b_us, count / result["seconds"]
 
 
+def measure_bulk(tete: compare.Tete, site: compare.Site, mib: int) -> tuple[float, ...]:
+    """(a's CPU s/GiB, b's, MB/s, a's reads, a's writes, b's reads, b's writes)."""
+    peers = [compare.psutil.Process(p.pid) for p in reversed(tete.procs)]
+    before = [(compare.cpu_seconds([p]), p.io_counters()) for p in peers]
+    result = site.client(["stream", str(tete.port), str(mib << 20), "1"], 600)
+    after = [(compare.cpu_seconds([p]), p.io_counters()) for p in peers]
+    gib = mib / 1024
+    (a0, ia0), (b0, ib0) = before
+    (a1, ia1), (b1, ib1) = after
+    return (
+        (a1 - a0) / gib,
+        (b1 - b0) / gib,
+        (mib << 20) / result["seconds"] / 1e6,
+        ia1.read_count - ia0.read_count,
+        ia1.write_count - ia0.write_count,
+        ib1.read_count - ib0.read_count,
+        ib1.write_count - ib0.write_count,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", action="append", required=True, metavar="NAME=PATH")
@@ -68,7 +93,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--count", type=int, default=2000, help="connections per measurement")
     parser.add_argument("--parallel", type=int, default=50)
-    parser.add_argument("--modes", default="par,seq", help="par, seq or both")
+    parser.add_argument("--modes", default="par,seq", help="par, seq, bulk (comma-separated)")
+    parser.add_argument("--bulk-mib", type=int, default=1024, help="MiB per bulk measurement")
     parser.add_argument("--profile", type=Path, metavar="DIR")
     parser.add_argument("--perf", type=Path, metavar="DIR", help="perf record the peers")
     parser.add_argument("--strace", type=Path, metavar="DIR", help="count each peer's syscalls")
@@ -96,6 +122,21 @@ def main() -> int:
                             compare._tete_cmd = _profiled(out)  # type: ignore[assignment]
                         tete = compare.Tete(site, ids)
                         tete.start()
+                        if mode == "bulk":
+                            try:
+                                measure(tete, site, WARM_UP, 50)
+                                got = measure_bulk(tete, site, args.bulk_mib)
+                            finally:
+                                tete.stop()
+                            results.setdefault((name, mode), []).append(got)
+                            print(
+                                f"round {r} {name:>8} bulk: a {got[0]:5.2f} s/GiB  b {got[1]:5.2f}"
+                                f" s/GiB  {got[2]:5.0f} MB/s  syscalls a {got[3]:.0f} r"
+                                f" {got[4]:.0f} w, b {got[5]:.0f} r {got[6]:.0f} w",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                            continue
                         try:
                             parallel = args.parallel if mode == "par" else 1
                             measure(tete, site, WARM_UP, parallel)
@@ -119,10 +160,15 @@ def main() -> int:
                         )
         finally:
             compare.PROCS.stop_all()
-    print(f"loop {args.loop}; medians of {args.rounds} rounds (CPU us per connection)")
+    print(f"loop {args.loop}; medians of {args.rounds} rounds (CPU us per connection, s per GiB)")
     for mode in modes:
         for name, _ in builds:
             got = results[name, mode]
+            if mode == "bulk":
+                a, b, rate = (statistics.median(x[i] for x in got) for i in range(3))
+                spread = ", ".join(f"{x[2]:.0f}" for x in got)
+                print(f"bulk {name:>8}: a {a:5.2f}  b {b:5.2f} s/GiB  {rate:5.0f} MB/s ({spread})")
+                continue
             a, b, rate = (statistics.median(x[i] for x in got) for i in range(3))
             print(f"{mode} {name:>8}: a {a:6.0f}  b {b:6.0f}  sum {a + b:6.0f}  {rate:7.0f} conn/s")
     return 0
