@@ -164,12 +164,11 @@ def main() -> int:
     for mode in modes:
         for name, _ in builds:
             got = results[name, mode]
+            a, b, rate = (statistics.median(x[i] for x in got) for i in range(3))
             if mode == "bulk":
-                a, b, rate = (statistics.median(x[i] for x in got) for i in range(3))
                 spread = ", ".join(f"{x[2]:.0f}" for x in got)
                 print(f"bulk {name:>8}: a {a:5.2f}  b {b:5.2f} s/GiB  {rate:5.0f} MB/s ({spread})")
                 continue
-            a, b, rate = (statistics.median(x[i] for x in got) for i in range(3))
             print(f"{mode} {name:>8}: a {a:6.0f}  b {b:6.0f}  sum {a + b:6.0f}  {rate:7.0f} conn/s")
     return 0
 

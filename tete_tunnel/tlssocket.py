@@ -470,12 +470,10 @@ class TLSSocketTransport(asyncio.Transport):
             if self._eof:  # the peer has ended: no close_notify will come
                 self._force_close(None)
             else:
-                self._loop.add_reader(self._fd, self._shutdown_step)
-                self._reading = True
+                self._resume_reader(self._shutdown_step)
             return
         except ssl.SSLWantWriteError:
-            self._loop.add_writer(self._fd, self._shutdown_step)
-            self._writing = True
+            self._resume_writer(self._shutdown_step)
             return
         except ssl.SSLError as exc:
             if exc.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
@@ -498,8 +496,7 @@ class TLSSocketTransport(asyncio.Transport):
         except OSError:
             self._force_close(None)
             return
-        self._loop.add_reader(self._fd, self._drain_step)
-        self._reading = True
+        self._resume_reader(self._drain_step)
         self._drain_step()
 
     def _drain_step(self) -> None:
@@ -560,9 +557,10 @@ class TLSSocketTransport(asyncio.Transport):
 
     # -- the loop's reader and writer ----------------------------------------------------
 
-    def _resume_reader(self) -> None:
+    def _resume_reader(self, callback: Callable[[], None] | None = None) -> None:
+        """Watch for readability: `callback` (the shutdown's, the drain's) or _read_ready."""
         if not self._reading and self._sock is not None:
-            self._loop.add_reader(self._fd, self._read_ready)
+            self._loop.add_reader(self._fd, callback or self._read_ready)
             self._reading = True
 
     def _pause_reader(self) -> None:
@@ -570,9 +568,9 @@ class TLSSocketTransport(asyncio.Transport):
             self._loop.remove_reader(self._fd)
             self._reading = False
 
-    def _resume_writer(self) -> None:
+    def _resume_writer(self, callback: Callable[[], None] | None = None) -> None:
         if not self._writing and self._sock is not None:
-            self._loop.add_writer(self._fd, self._write_ready)
+            self._loop.add_writer(self._fd, callback or self._write_ready)
             self._writing = True
 
     def _pause_writer(self) -> None:
