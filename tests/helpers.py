@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,15 +19,52 @@ SERVERS = [sys.executable, "-m", "tests.servers"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _port_block() -> range:
+    """This test process's own ports: below the kernel's ephemeral range and split by xdist
+    worker, so no other worker and no outgoing connection's source port can take a port
+    between `free_ports` choosing it and the tool binding it (bind(0) allowed both)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first, last = 20000, min(low, 32768)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), index + 1)
+    size = (last - first) // count
+    if size < 64:
+        return range(0)
+    return range(first + index * size, first + (index + 1) * size)
+
+
+_BLOCK = _port_block()
+_cursor = random.randrange(len(_BLOCK)) if _BLOCK else 0
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports that are free right now (held open together so they differ)."""
+    """Ports that are free right now, distinct, from this process's own block (see
+    `_port_block`); the kernel's choice (bind to port 0) where there is no block."""
+    global _cursor
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ports: list[int] = []
+    for _ in range(len(_BLOCK)):
+        if len(ports) == n:
+            return ports
+        port = _BLOCK[_cursor % len(_BLOCK)]
+        _cursor += 1
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host, port))  # no SO_REUSEADDR: a TIME_WAIT user counts as taken
+            except OSError:
+                continue
+        ports.append(port)
     socks = []
     try:
-        for _ in range(n):
-            s = socket.socket()
+        for _ in range(n - len(ports)):
+            s = socket.socket(family)
             s.bind((host, 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        return ports + [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
