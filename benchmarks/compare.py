@@ -908,6 +908,38 @@ class SocatTcp(Tunnel):
         return None
 
 
+class Floor(Tunnel):
+    """benchmarks/floor.py: the least a Python forwarder over one TLS link can do."""
+
+    key, label = "floor", "Python floor"
+
+    def __init__(self, site: Site, cert: Path, key: Path, own_tls: bool = False) -> None:
+        super().__init__(site)
+        self.cert, self.keyfile = cert, key
+        self.tls = ["socket"] if own_tls else []  # tete-tunnel's TLS transport, or the loop's
+        if own_tls:
+            self.key, self.label = "floor-sock", "Python floor (tlssocket)"
+
+    def start(self) -> float | None:
+        self.port, tls_port = free_port(), free_port()
+        script = str(Path(__file__).resolve().parent / "floor.py")
+        server = PROCS.start(
+            [sys.executable, script, "serve", str(tls_port), "127.0.0.1",
+             str(self.site.sink_port), str(self.cert), str(self.keyfile), *self.tls],
+            netns=self.site.server_ns,
+        )  # fmt: skip
+        self.procs.append(server)
+        wait_port(tls_port, self.site.server_ns, server, "floor server", self.site.server_addr)
+        client = PROCS.start(
+            [sys.executable, script, "listen", str(self.port), self.site.server_addr,
+             str(tls_port), *self.tls],
+            netns=self.site.client_ns,
+        )  # fmt: skip
+        self.procs.append(client)
+        wait_port(self.port, self.site.client_ns, client, "floor client")
+        return None
+
+
 class Tete(Tunnel):
     """Two `tete-tunnel forward` peers with separate identities; -L on the client side.
 
@@ -981,13 +1013,17 @@ def _tete_cmd() -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-TOOL_KEYS = ["ssh-aes", "ssh-default", "socat-tls", "socat-tcp", "tete"]
+TOOL_KEYS = ["ssh-aes", "ssh-default", "socat-tls", "socat-tcp", "tete", "floor", "floor-sock"]
+# The floor columns (benchmarks/floor.py) are a yardstick for development, asked for by name.
+DEFAULT_TOOLS = TOOL_KEYS[:5]
 TOOL_LABELS = {
     "ssh-aes": "ssh aes128-gcm",
     "ssh-default": "ssh chacha20",
     "socat-tls": "socat TLS",
     "socat-tcp": "socat TCP",
     "tete": "tete-tunnel",
+    "floor": "Python floor",
+    "floor-sock": "Python floor (tlssocket)",
 }
 
 
@@ -1300,6 +1336,8 @@ def make_tools(
             site, sshd, "ssh-default", "chacha20-poly1305@openssh.com", TOOL_LABELS["ssh-default"]
         )
     made["socat-tls"] = SocatTls(site, assets["cert"], assets["key"])
+    made["floor"] = Floor(site, assets["cert"], assets["key"])
+    made["floor-sock"] = Floor(site, assets["cert"], assets["key"], own_tls=True)
     made["socat-tcp"] = SocatTcp(site)
     made["tete"] = Tete(site, assets["ids"], tete_stagger)
     return [made[k] for k in keys if k in made]
@@ -1529,8 +1567,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--tools",
-        default=",".join(TOOL_KEYS),
-        help=f"comma-separated subset of {','.join(TOOL_KEYS)}",
+        default=",".join(DEFAULT_TOOLS),
+        help=f"comma-separated subset of {','.join(TOOL_KEYS)} (default: all but the floors)",
     )
     parser.add_argument(
         "--only",

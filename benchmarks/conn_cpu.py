@@ -11,6 +11,10 @@ in alternating rounds so drift hits them alike; each cell is the median over the
 
     python benchmarks/conn_cpu.py --build old=/tmp/old --build new=. --loop uvloop
 
+`--build floor=:floor` measures benchmarks/floor.py instead (on tete-tunnel's TLS transport,
+from the PYTHONPATH of the build before it), `:floor-loop` the same on the loop's TLS: the
+least Python does for the same hops.
+
 `--profile DIR` runs each peer under cProfile (DIR/<build>-<peer>-<mode>.prof; the
 figures are then the profiler's, not the code's).
 
@@ -107,20 +111,27 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tete-conncpu-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ["PYTHONPATH"] = str(Path(builds[-1][1]).resolve())
-        ids = compare.prepare_assets(tmp)["ids"]
+        assets = compare.prepare_assets(tmp)
+        ids = assets["ids"]
         site = compare.Site("loopback", None, None, "127.0.0.1", "127.0.0.1", "127.0.0.1", tmp)
         site.start_sink()
         try:
             for r in range(args.rounds):
                 shift = r % len(builds)
                 for name, path in builds[shift:] + builds[:shift]:
-                    os.environ["PYTHONPATH"] = str(Path(path).resolve())
+                    floor = path in (":floor", ":floor-loop")  # benchmarks/floor.py
+                    if not floor:
+                        os.environ["PYTHONPATH"] = str(Path(path).resolve())
                     for mode in modes:
                         if args.profile is not None:
                             args.profile.mkdir(parents=True, exist_ok=True)
                             out = args.profile / f"{name}-{{}}-{mode}.prof"
                             compare._tete_cmd = _profiled(out)  # type: ignore[assignment]
-                        tete = compare.Tete(site, ids)
+                        if floor:
+                            own_tls = path == ":floor"
+                            tete = compare.Floor(site, assets["cert"], assets["key"], own_tls)
+                        else:
+                            tete = compare.Tete(site, ids)
                         tete.start()
                         if mode == "bulk":
                             try:
