@@ -215,7 +215,8 @@ class Stream:
     @property
     def write_blocked(self) -> bool:
         """More is queued than this stream may hold now: stop writing until on_drained."""
-        return self.write_buffered > self._session._stream_high_water()
+        session = self._session
+        return session.conn.send_buffered(self.id) > session._stream_high_water()
 
     async def drain(self) -> None:
         while self.write_blocked:
@@ -371,13 +372,13 @@ class Session:
         self._flush_scheduled = False
         self._pending_finish: tuple[LinkBroken | None] | None = None
         self._dirty: set[int] = set()  # streams written since the last flush
-        self._idle = asyncio.Event()  # nothing left to write, or the session has ended
         self._timer: asyncio.Task[None] | None = None
         self._reported = (0, 0)  # refused/throttled opens already logged
         self._next_report = 0.0
         self._transport_lost = False  # connection_lost came: nothing left to close
         self._streams_gone = asyncio.Event()  # set when the last open stream goes
         self.ended = asyncio.Event()
+        self._over = False  # ended.is_set(), read on every callback without a call
         self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
         self.peer_moved = False  # ... and said its work went on over a direct link (MOVED)
         self.error: LinkBroken | None = None  # why the session ended, if not in order
@@ -467,7 +468,7 @@ class Session:
         streams = list(self._streams.values())
         self._streams.clear()
         self.ended.set()
-        self._idle.set()
+        self._over = True
         self._incoming_ready.set()
         self._streams_gone.set()
         if self._timer is not None and self._timer is not asyncio.current_task():
@@ -588,7 +589,7 @@ class Session:
         self._reap()
 
     def _consumed(self, stream_id: int, n: int) -> None:
-        if n and not self.ended.is_set():
+        if n and not self._over:
             self.conn.consumed(stream_id, n, self._loop.time())
             if self.conn.has_data_to_send():
                 self._schedule_flush()
@@ -609,17 +610,20 @@ class Session:
         try:
             callback(*args)
         except Exception as exc:
-            log.warning("stream %d failed and was reset: %s", stream.id, _describe(exc))
-            log.debug("stream %d failure", stream.id, exc_info=True)
-            with contextlib.suppress(Exception):
-                if not self.ended.is_set():
-                    self._reset(stream.id)
-                stream._fail(StreamReset(f"stream {stream.id} failed: {_describe(exc)}"))
+            self._stream_failed(stream, exc)
+
+    def _stream_failed(self, stream: Stream, exc: Exception) -> None:
+        log.warning("stream %d failed and was reset: %s", stream.id, _describe(exc))
+        log.debug("stream %d failure", stream.id, exc_info=exc)
+        with contextlib.suppress(Exception):
+            if not self._over:
+                self._reset(stream.id)
+            stream._fail(StreamReset(f"stream {stream.id} failed: {_describe(exc)}"))
 
     # -- transport callbacks ------------------------------------------------------------
 
     def _on_data(self, data: memoryview) -> None:
-        if self.ended.is_set():
+        if self._over:
             return
         self._dispatch(self.conn.receive_data(data, self._loop.time()))
         self._reap()
@@ -639,10 +643,13 @@ class Session:
 
     def _dispatch(self, events: list[ev.Event]) -> None:
         for event in events:
-            if isinstance(event, ev.DataReceived):
+            if type(event) is ev.DataReceived:  # the common case first, without _contain's call
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    self._contain(stream, stream._data, event.data)
+                    try:
+                        stream._data(event.data)
+                    except Exception as exc:
+                        self._stream_failed(stream, exc)
             elif isinstance(event, ev.StreamOpened):
                 stream = self._streams[event.stream_id] = Stream(self, event.stream_id)
                 if self._handler is not None:
@@ -691,15 +698,14 @@ class Session:
     # -- writing ----------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        self._idle.clear()
-        if not self._flush_scheduled and not self.ended.is_set():
+        if not self._flush_scheduled and not self._over:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write what the core has, in large batches, until the transport is full."""
         self._flush_scheduled = False
-        if self.ended.is_set():
+        if self._over:
             return
         conn, transport = self.conn, self._transport
         while not self._writing_paused and conn.has_data_to_send():
@@ -710,11 +716,10 @@ class Session:
             stream = self._streams.get(stream_id)
             if stream is None:
                 self._dirty.discard(stream_id)
-            elif stream.write_buffered <= high_water:
+            elif conn.send_buffered(stream_id) <= high_water:
                 self._dirty.discard(stream_id)
                 self._contain(stream, stream._writable)
         if not self._writing_paused and not conn.has_data_to_send():
-            self._idle.set()
             if self._pending_finish is not None:
                 (error,) = self._pending_finish
                 self._finish(error)

@@ -171,7 +171,7 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._highest_remote = 0
         self._decoder = FrameDecoder()
-        self._control: list[bytes] = []
+        self._control: list[bytes | memoryview] = []
         self._provoked = 0  # peer-provoked control frames not yet taken by data_to_send
         self._ready: deque[int] = deque()  # streams that may have a turn
         self._in_ready: set[int] = set()
@@ -247,7 +247,9 @@ class Connection:
             self._mark_ready(stream_id)
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        stream = self._get(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None or self.terminated is not None:
+            stream = self._get(stream_id)  # raises why not
         stream.state = transition(stream.state, StreamInput.SEND_DATA, stream_id)
         if data:
             stream.out.append(memoryview(data).cast("B"))
@@ -257,7 +259,9 @@ class Connection:
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction; the FIN follows the data already written."""
-        stream = self._get(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None or self.terminated is not None:
+            stream = self._get(stream_id)  # raises why not
         stream.state = transition(stream.state, StreamInput.SEND_FIN, stream_id)
         stream.fin_pending = True
         self._mark_ready(stream_id)
