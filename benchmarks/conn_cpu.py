@@ -185,12 +185,18 @@ def main() -> int:
 
 
 def _profiled(out: Path):  # type: ignore[no-untyped-def]
-    """A _tete_cmd whose peers run under cProfile (peer a is started second)."""
+    """A _tete_cmd whose peers run under cProfile (peer a is started second).
+
+    The peers run in the repository, and `-m` puts the current directory first on
+    sys.path, before the build's PYTHONPATH: `-P` (Python 3.11) keeps it off, so the
+    build's code is the one profiled.
+    """
     started = iter(["b", "a"])
+    script = Path(sys.executable).parent / "tete-tunnel"
 
     def cmd() -> list[str]:
         path = str(out).format(next(started))
-        return [sys.executable, "-m", "cProfile", "-o", path, "-m", "tete_tunnel"]
+        return [sys.executable, "-P", "-m", "cProfile", "-o", path, str(script)]
 
     return cmd
 

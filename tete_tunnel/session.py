@@ -214,9 +214,14 @@ class Stream:
 
     @property
     def write_blocked(self) -> bool:
-        """More is queued than this stream may hold now: stop writing until on_drained."""
+        """More is queued than this stream may hold now: stop writing until on_drained.
+        Asking is what registers the stream for that call (streams never blocked, the
+        short connections, cost the flush nothing)."""
         session = self._session
-        return session.conn.send_buffered(self.id) > session._stream_high_water()
+        if session.conn.send_buffered(self.id) <= session._stream_high_water():
+            return False
+        session._dirty.add(self.id)
+        return True
 
     async def drain(self) -> None:
         while self.write_blocked:
@@ -371,7 +376,7 @@ class Session:
         self._writing_paused = False
         self._flush_scheduled = False
         self._pending_finish: tuple[LinkBroken | None] | None = None
-        self._dirty: set[int] = set()  # streams written since the last flush
+        self._dirty: set[int] = set()  # streams found blocked, to be told when they drain
         self._timer: asyncio.Task[None] | None = None
         self._reported = (0, 0)  # refused/throttled opens already logged
         self._next_report = 0.0
@@ -574,7 +579,6 @@ class Session:
         except LocalProtocolError as exc:
             raise TeteError(f"cannot write: {exc}") from exc
         self.bytes_sent += len(data)
-        self._dirty.add(stream_id)
         self._schedule_flush()
 
     def _end(self, stream_id: int) -> None:
