@@ -579,12 +579,14 @@ class Session:
         except LocalProtocolError as exc:
             raise TeteError(f"cannot write: {exc}") from exc
         self.bytes_sent += len(data)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def _end(self, stream_id: int) -> None:
         with contextlib.suppress(LocalProtocolError):
             self.conn.end_stream(stream_id)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def _reset(self, stream_id: int) -> None:
         with contextlib.suppress(LocalProtocolError):

@@ -250,12 +250,14 @@ class Connection:
         stream = self._streams.get(stream_id)
         if stream is None or self.terminated is not None:
             stream = self._get(stream_id)  # raises why not
-        stream.state = transition(stream.state, StreamInput.SEND_DATA, stream_id)
+        if stream.state is not StreamState.OPEN:  # data leaves OPEN as it is: no lookup
+            stream.state = transition(stream.state, StreamInput.SEND_DATA, stream_id)
         if data:
             stream.out.append(memoryview(data).cast("B"))
             stream.out_bytes += len(data)
             self.queued_bytes += len(data)
-            self._mark_ready(stream_id)
+            if stream_id not in self._in_ready:
+                self._mark_ready(stream_id)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction; the FIN follows the data already written."""
@@ -283,7 +285,10 @@ class Connection:
         if stream is None or stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return  # the peer sends no more: no credit needed
         if n:
-            self._measure(stream, n, now)
+            if stream.rate_mark is None:
+                stream.rate_mark = now  # the first bytes mark the start (as _measure would)
+            else:
+                self._measure(stream, n, now)
         stream.unacked += n
         if stream.unacked < min(stream.window // 2, UPDATE_STEP):
             return
@@ -446,7 +451,10 @@ class Connection:
         self._decoder.feed(data)
         try:
             while (frame := self._decoder.next_frame()) is not None:
-                self._handle(frame, now, events)
+                if frame.type is FrameType.DATA or frame.type is FrameType.WINDOW_UPDATE:
+                    self._handle_stream_frame(frame, now, events)
+                else:
+                    self._handle(frame, now, events)
         except ProtocolError as exc:
             # queued even after a normal go-away of ours: the peer learns why it ends
             self.local_goaway = True
@@ -523,7 +531,8 @@ class Connection:
                     f"stream {sid}: {frame.length} bytes of data beyond the "
                     f"{stream.recv_window} bytes of window granted"
                 )
-            stream.state = transition(stream.state, StreamInput.RECV_DATA, sid)
+            if stream.state is not StreamState.OPEN:  # as in send()
+                stream.state = transition(stream.state, StreamInput.RECV_DATA, sid)
             stream.recv_window -= frame.length
             events.append(ev.DataReceived(sid, bytes(frame.payload)))
         if flags & _FIN:
