@@ -169,6 +169,11 @@ class Stream:
         return self._eof and not self._buffer
 
     @property
+    def unread(self) -> int:
+        """Bytes received and not yet read or handed to a consumer."""
+        return self._buffered
+
+    @property
     def peer_ended(self) -> bool:
         """The peer's FIN arrived: its data is complete (whatever is still buffered)."""
         return self._eof

@@ -67,6 +67,7 @@ class Splice(asyncio.Protocol):
         # What a loop delivers before start() despite pause_reading (uvloop may read once).
         self._early: list[bytes] = []
         self._early_eof = False
+        self._held = b""  # our answer, to go out with the first data or EOF (hold_answer)
 
     @property
     def client(self) -> str:
@@ -116,6 +117,8 @@ class Splice(asyncio.Protocol):
             return
         if self.ended:
             return
+        if self._held:
+            data, self._held = self._held + data, b""
         try:
             stream.write(data)
         except Exception as exc:
@@ -143,6 +146,9 @@ class Splice(asyncio.Protocol):
             self._early_eof = True
             return True
         if not self.ended:
+            if self._held:
+                self.stream.write(self._held)
+                self._held = b""
             self.stream.write_eof()
             self.up_done = True
             self._check_done()
@@ -167,6 +173,12 @@ class Splice(asyncio.Protocol):
             self.owed = 0
 
     # -- stream side (called from the session's dispatch) --------------------------------
+
+    def hold_answer(self, answer: bytes) -> None:
+        """Send `answer` with the TCP side's first data (or its EOF), not on its own: for an
+        opener that did not wait for it (it sent data behind its request), an answer alone
+        costs a TLS record and a wake-up of the peer per connection, for nothing."""
+        self._held = answer
 
     def stream_data(self, data: bytes) -> None:
         stream, transport = self.stream, self.transport
@@ -291,7 +303,10 @@ async def connect_splice(
     loop = asyncio.get_running_loop()
 
     def made(splice: Splice) -> None:
-        stream.write(answer)  # before any data of the target's
+        if stream.unread:  # the opener sent data behind its request: it is not waiting
+            splice.hold_answer(answer)
+        else:
+            stream.write(answer)  # before any data of the target's
         splice.start(stream)
 
     protocol = Splice(on_made=made, on_end=on_end, answer_pending=False)
