@@ -222,10 +222,9 @@ class Stream:
         """More is queued than this stream may hold now: stop writing until on_drained.
         Asking is what registers the stream for that call (streams never blocked, the
         short connections, cost the flush nothing)."""
-        session = self._session
-        if session.conn.send_buffered(self.id) <= session._stream_high_water():
+        if self.write_buffered <= self._session._stream_high_water():
             return False
-        session._dirty.add(self.id)
+        self._session._dirty.add(self.id)
         return True
 
     async def drain(self) -> None:
@@ -388,7 +387,6 @@ class Session:
         self._transport_lost = False  # connection_lost came: nothing left to close
         self._streams_gone = asyncio.Event()  # set when the last open stream goes
         self.ended = asyncio.Event()
-        self._over = False  # ended.is_set(), read on every callback without a call
         self.peer_closing = asyncio.Event()  # the peer's orderly go-away arrived
         self.peer_moved = False  # ... and said its work went on over a direct link (MOVED)
         self.error: LinkBroken | None = None  # why the session ended, if not in order
@@ -478,7 +476,6 @@ class Session:
         streams = list(self._streams.values())
         self._streams.clear()
         self.ended.set()
-        self._over = True
         self._incoming_ready.set()
         self._streams_gone.set()
         if self._timer is not None and self._timer is not asyncio.current_task():
@@ -584,14 +581,12 @@ class Session:
         except LocalProtocolError as exc:
             raise TeteError(f"cannot write: {exc}") from exc
         self.bytes_sent += len(data)
-        if not self._flush_scheduled:
-            self._schedule_flush()
+        self._schedule_flush()
 
     def _end(self, stream_id: int) -> None:
         with contextlib.suppress(LocalProtocolError):
             self.conn.end_stream(stream_id)
-        if not self._flush_scheduled:
-            self._schedule_flush()
+        self._schedule_flush()
 
     def _reset(self, stream_id: int) -> None:
         with contextlib.suppress(LocalProtocolError):
@@ -600,7 +595,7 @@ class Session:
         self._reap()
 
     def _consumed(self, stream_id: int, n: int) -> None:
-        if n and not self._over:
+        if n and not self.ended.is_set():
             self.conn.consumed(stream_id, n, self._loop.time())
             if self.conn.has_data_to_send():
                 self._schedule_flush()
@@ -621,20 +616,17 @@ class Session:
         try:
             callback(*args)
         except Exception as exc:
-            self._stream_failed(stream, exc)
-
-    def _stream_failed(self, stream: Stream, exc: Exception) -> None:
-        log.warning("stream %d failed and was reset: %s", stream.id, _describe(exc))
-        log.debug("stream %d failure", stream.id, exc_info=exc)
-        with contextlib.suppress(Exception):
-            if not self._over:
-                self._reset(stream.id)
-            stream._fail(StreamReset(f"stream {stream.id} failed: {_describe(exc)}"))
+            log.warning("stream %d failed and was reset: %s", stream.id, _describe(exc))
+            log.debug("stream %d failure", stream.id, exc_info=True)
+            with contextlib.suppress(Exception):
+                if not self.ended.is_set():
+                    self._reset(stream.id)
+                stream._fail(StreamReset(f"stream {stream.id} failed: {_describe(exc)}"))
 
     # -- transport callbacks ------------------------------------------------------------
 
     def _on_data(self, data: memoryview) -> None:
-        if self._over:
+        if self.ended.is_set():
             return
         self._dispatch(self.conn.receive_data(data, self._loop.time()))
         self._reap()
@@ -654,13 +646,10 @@ class Session:
 
     def _dispatch(self, events: list[ev.Event]) -> None:
         for event in events:
-            if type(event) is ev.DataReceived:  # the common case first, without _contain's call
+            if isinstance(event, ev.DataReceived):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    try:
-                        stream._data(event.data)
-                    except Exception as exc:
-                        self._stream_failed(stream, exc)
+                    self._contain(stream, stream._data, event.data)
             elif isinstance(event, ev.StreamOpened):
                 stream = self._streams[event.stream_id] = Stream(self, event.stream_id)
                 if self._handler is not None:
@@ -709,14 +698,14 @@ class Session:
     # -- writing ----------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and not self._over:
+        if not self._flush_scheduled and not self.ended.is_set():
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write what the core has, in large batches, until the transport is full."""
         self._flush_scheduled = False
-        if self._over:
+        if self.ended.is_set():
             return
         conn, transport = self.conn, self._transport
         while not self._writing_paused and conn.has_data_to_send():
@@ -727,7 +716,7 @@ class Session:
             stream = self._streams.get(stream_id)
             if stream is None:
                 self._dirty.discard(stream_id)
-            elif conn.send_buffered(stream_id) <= high_water:
+            elif stream.write_buffered <= high_water:
                 self._dirty.discard(stream_id)
                 self._contain(stream, stream._writable)
         if not self._writing_paused and not conn.has_data_to_send():

@@ -247,23 +247,17 @@ class Connection:
             self._mark_ready(stream_id)
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is None or self.terminated is not None:
-            stream = self._get(stream_id)  # raises why not
-        if stream.state is not StreamState.OPEN:  # data leaves OPEN as it is: no lookup
-            stream.state = transition(stream.state, StreamInput.SEND_DATA, stream_id)
+        stream = self._get(stream_id)
+        stream.state = transition(stream.state, StreamInput.SEND_DATA, stream_id)
         if data:
             stream.out.append(memoryview(data).cast("B"))
             stream.out_bytes += len(data)
             self.queued_bytes += len(data)
-            if stream_id not in self._in_ready:
-                self._mark_ready(stream_id)
+            self._mark_ready(stream_id)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction; the FIN follows the data already written."""
-        stream = self._streams.get(stream_id)
-        if stream is None or self.terminated is not None:
-            stream = self._get(stream_id)  # raises why not
+        stream = self._get(stream_id)
         stream.state = transition(stream.state, StreamInput.SEND_FIN, stream_id)
         stream.fin_pending = True
         self._mark_ready(stream_id)
@@ -285,10 +279,7 @@ class Connection:
         if stream is None or stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return  # the peer sends no more: no credit needed
         if n:
-            if stream.rate_mark is None:
-                stream.rate_mark = now  # the first bytes mark the start (as _measure would)
-            else:
-                self._measure(stream, n, now)
+            self._measure(stream, n, now)
         stream.unacked += n
         if stream.unacked < min(stream.window // 2, UPDATE_STEP):
             return
@@ -451,10 +442,7 @@ class Connection:
         self._decoder.feed(data)
         try:
             while (frame := self._decoder.next_frame()) is not None:
-                if frame.type is FrameType.DATA or frame.type is FrameType.WINDOW_UPDATE:
-                    self._handle_stream_frame(frame, now, events)
-                else:
-                    self._handle(frame, now, events)
+                self._handle(frame, now, events)
         except ProtocolError as exc:
             # queued even after a normal go-away of ours: the peer learns why it ends
             self.local_goaway = True
@@ -531,8 +519,7 @@ class Connection:
                     f"stream {sid}: {frame.length} bytes of data beyond the "
                     f"{stream.recv_window} bytes of window granted"
                 )
-            if stream.state is not StreamState.OPEN:  # as in send()
-                stream.state = transition(stream.state, StreamInput.RECV_DATA, sid)
+            stream.state = transition(stream.state, StreamInput.RECV_DATA, sid)
             stream.recv_window -= frame.length
             events.append(ev.DataReceived(sid, bytes(frame.payload)))
         if flags & _FIN:

@@ -68,7 +68,7 @@ _PING, _GO_AWAY, _DATA = FrameType.PING.value, FrameType.GO_AWAY.value, FrameTyp
 _UNKNOWN_FLAGS = ~int(KNOWN_FLAGS)  # int: ~ on an IntFlag keeps only its own bits
 
 
-def _check_header(version: int, type_: int, flags: int, stream_id: int, length: int) -> FrameType:
+def _check_header(version: int, type_: int, flags: int, stream_id: int, length: int) -> Frame:
     if version != VERSION:
         raise ProtocolError(f"unsupported mux version {version} (we speak {VERSION})")
     frame_type = _TYPES.get(type_)
@@ -83,7 +83,7 @@ def _check_header(version: int, type_: int, flags: int, stream_id: int, length: 
         raise ProtocolError(f"{frame_type.name} frame on stream 0")
     elif type_ == _DATA and length > MAX_PAYLOAD:
         raise ProtocolError(f"data frame of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    return frame_type
+    return Frame(frame_type, _FLAGS[flags], stream_id, length)
 
 
 _EMPTY = memoryview(b"")
@@ -120,26 +120,12 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         frame = self._pending
         if frame is None:
-            view, pos = self._view, self._vpos
-            if not self._head and len(view) - pos >= HEADER_SIZE:  # the common case, inline
-                header: tuple[int, int, int, int, int] = HEADER.unpack_from(view, pos)
-                pos += HEADER_SIZE
-                self._vpos = pos
-            else:
-                taken = self._take_header()
-                if taken is None:
-                    return None
-                header = taken
-                view, pos = self._view, self._vpos
-            frame_type = _check_header(*header)
-            _, _, flags, stream_id, length = header
-            if frame_type is not FrameType.DATA or length == 0:
-                return Frame(frame_type, _FLAGS[flags], stream_id, length)
-            if len(view) - pos >= length:  # all of its payload is here: one copy, one Frame
-                self._vpos = pos + length
-                payload = bytes(view[pos : pos + length])
-                return Frame(frame_type, _FLAGS[flags], stream_id, length, payload)
-            frame = Frame(frame_type, _FLAGS[flags], stream_id, length)
+            header = self._take_header()
+            if header is None:
+                return None
+            frame = _check_header(*header)
+            if frame.type is not FrameType.DATA or frame.length == 0:
+                return frame
         view, pos = self._view, self._vpos
         need = frame.length - self._have
         if len(view) - pos < need:
