@@ -1,5 +1,5 @@
 """When the connecting side answers a stream's open (splice.connect_splice), over a real
-session pair and a real TCP target.
+session pair and a real TCP target, on both loops.
 
 An opener that sent data behind its request does not wait for the answer, so ACCEPT rides
 with the target's first bytes (one frame, not two); an opener that sent only its request (a
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from tests.test_session import run, session_pair
+from tests.test_session import session_pair
 from tete_tunnel import preamble
 from tete_tunnel.session import Stream
 from tete_tunnel.splice import Splice, connect_splice
 
 ACCEPT = preamble.encode(preamble.Accept())
+Run = Callable[[Coroutine[Any, Any, Any]], Any]  # the `run` fixture: either loop
 
 
 async def _target(reply_after: bytes) -> tuple[asyncio.Server, int, list[bytes]]:
@@ -60,7 +63,7 @@ async def _answer(opened: Stream, port: int) -> Splice:
     )
 
 
-def test_answer_rides_with_the_targets_first_bytes() -> None:
+def test_answer_rides_with_the_targets_first_bytes(run: Run) -> None:
     async def main() -> None:
         server, port, got = await _target(reply_after=b"hello")
         async with server, session_pair() as (sa, sb):
@@ -79,7 +82,7 @@ def test_answer_rides_with_the_targets_first_bytes() -> None:
     run(main())
 
 
-def test_answer_at_once_for_an_opener_that_waits_for_it() -> None:
+def test_answer_at_once_for_an_opener_that_waits_for_it(run: Run) -> None:
     async def main() -> None:
         server, port, got = await _target(reply_after=b"")  # says nothing before the client
         async with server, session_pair() as (sa, sb):
@@ -94,7 +97,7 @@ def test_answer_at_once_for_an_opener_that_waits_for_it() -> None:
     run(main())
 
 
-def test_answer_goes_before_the_eof_of_a_silent_target() -> None:
+def test_answer_goes_before_the_eof_of_a_silent_target(run: Run) -> None:
     """The opener spoke first, the target closes without a word: ACCEPT, then FIN."""
 
     async def main() -> None:

@@ -16,7 +16,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,21 +35,6 @@ TCP_CLOSE = 7
 def ids(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Identity]:
     base = tmp_path_factory.mktemp("ids")
     return load_or_create(base / "a"), load_or_create(base / "b")
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
-    """asyncio.run on the standard loop or on uvloop."""
-    factory = None
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-
-    def runner(coro: Coroutine[Any, Any, Any]) -> Any:
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(asyncio.wait_for(coro, 60))
-
-    return runner
 
 
 class Collector(asyncio.BufferedProtocol):
