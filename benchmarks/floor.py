@@ -86,7 +86,8 @@ class Link(asyncio.Protocol):
         del buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.side.done.set_result(None) if not self.side.done.done() else None
+        if not self.side.done.done():
+            self.side.done.set_result(None)
 
 
 class Leg(asyncio.Protocol):
