@@ -9,6 +9,7 @@ SOCKS client waiting for its reply) gets ACCEPT at once, before the target says 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -69,14 +70,13 @@ def test_answer_rides_with_the_targets_first_bytes(run: Run) -> None:
         async with server, session_pair() as (sa, sb):
             s = sa.open_stream()
             s.write(preamble.encode(preamble.Connect("127.0.0.1", port)) + b"hello")
-            splice = await _answer(await sb.accept(), port)
+            await _answer(await sb.accept(), port)
             # Stream.read hands over one frame's payload at a time: one frame, both parts.
             first = await asyncio.wait_for(s.read(), 5)
             assert first == ACCEPT + b"world"
             assert got == [b"hello"]
             s.write_eof()
             assert await asyncio.wait_for(s.read(), 5) == b""  # the target's EOF, as FIN
-            assert splice.transport is not None
             await asyncio.wait_for(s.wait_closed(), 5)
 
     run(main())
@@ -115,3 +115,53 @@ def test_answer_goes_before_the_eof_of_a_silent_target(run: Run) -> None:
             assert await asyncio.wait_for(s.read(), 5) == b""
 
     run(main())
+
+
+def test_a_finished_connection_leaves_nothing_to_the_garbage_collector(run: Run) -> None:
+    """Through a real forward pair (-L on one side, the connecting side on the other):
+    once connections have ended, no Splice is alive. Each one's objects point back at it
+    (transport, stream, callbacks); unless it lets go at its end, only the cyclic garbage
+    collector frees them, which is disabled here so that such cycles stay visible."""
+    from tests.test_supervisor import Network, PairConnector, _echo_target_and_its_forward, _through
+    from tete_tunnel.forward import Forwarder
+    from tete_tunnel.policy import Policy
+    from tete_tunnel.supervisor import supervise
+
+    def splices() -> int:
+        return sum(isinstance(o, Splice) for o in gc.get_objects())
+
+    async def main() -> tuple[list[bytes], int]:
+        net = Network()
+        target, client_app = await _echo_target_and_its_forward()
+        server_app = Forwarder(local=[], remote=[], policy=Policy())
+        stops = asyncio.Event(), asyncio.Event()
+        sides = [
+            asyncio.ensure_future(
+                supervise(PairConnector(net, name), app, timeout=10, keepalive=None, stop=stop)
+            )
+            for name, app, stop in (("a", client_app, stops[0]), ("b", server_app, stops[1]))
+        ]
+        try:
+            await net.new_round.wait()
+            got = [await _through(client_app, b"x" * n) for n in (1, 1000, 100_000)]
+            got += await asyncio.gather(*(_through(client_app, b"y%d" % i) for i in range(20)))
+            left = splices()
+            for _ in range(100):  # the connecting side ends its splices a moment later
+                if not left:
+                    break
+                await asyncio.sleep(0.05)
+                left = splices()
+            return got, left
+        finally:
+            stops[0].set()
+            await asyncio.gather(*sides, return_exceptions=True)
+            target.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        got, left = run(main())
+    finally:
+        gc.enable()
+    assert got == [b"x", b"x" * 1000, b"x" * 100_000] + [b"y%d" % i for i in range(20)]
+    assert left == 0, f"{left} Splice objects outlived their connections"

@@ -155,13 +155,28 @@ class Splice(asyncio.Protocol):
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ended:
-            if exc is None and self.up_done and self.down_done:
-                self.ended = True
-                self.on_end(self, None)
-            else:
-                reason = f"connection reset: {exc}" if exc else "connection closed early"
-                self.fail(ConnectionEnded(reason))
+        try:
+            if not self.ended:
+                if exc is None and self.up_done and self.down_done:
+                    self.ended = True
+                    self.on_end(self, None)
+                else:
+                    reason = f"connection reset: {exc}" if exc else "connection closed early"
+                    self.fail(ConnectionEnded(reason))
+        finally:
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """The connection is over: let go of what points back at us. The transport holds
+        us as its protocol, the stream as its consumer, our callbacks hold the stream:
+        cycles of about a dozen objects a connection, which only the cyclic garbage
+        collector would free, in its own time."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.on_drained = None
+            stream.detach()
+        self.transport = None
+        self._on_made = self.on_end = _ignore_end  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -273,6 +288,10 @@ class Splice(asyncio.Protocol):
             if sock is not None:
                 linger_zero(sock)
             transport.abort()
+
+
+def _ignore_end(*args: object) -> None:
+    """What a splice calls once unlinked (never, as it has ended): not its owner."""
 
 
 def session_ended(error: BaseException | None) -> bool:
