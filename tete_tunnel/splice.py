@@ -198,18 +198,20 @@ class Splice(asyncio.Protocol):
     def stream_data(self, data: bytes) -> None:
         stream, transport = self.stream, self.transport
         assert stream is not None and transport is not None
+        taken = len(data)  # credited once passed on, with the answer in front of it
         if self.answer is not None:
+            taken += len(self.answer)  # the parts of it that came before
             data = self._take_answer(data)
-            if not data:
-                return
-        if self.ended or transport.is_closing():
-            stream.credit(len(data))
+            if self.answer is not None or self.ended:
+                return  # not complete yet, or refused: the stream is reset
+        if self.ended or transport.is_closing() or not data:
+            stream.credit(taken)
             return
         transport.write(data)
         if self.writing_paused:
-            self.owed += len(data)
+            self.owed += taken
         else:
-            stream.credit(len(data))
+            stream.credit(taken)
 
     def _take_answer(self, data: bytes) -> bytes:
         """Collect the peer's answer; return the data behind it once it is complete."""
@@ -225,7 +227,6 @@ class Splice(asyncio.Protocol):
             return b""
         answer, used = found
         self.answer = None
-        self.stream.credit(used)  # the rest is credited as it is passed on
         if isinstance(answer, preamble.Refuse):
             self.fail(Refused(answer.reason))
             return b""

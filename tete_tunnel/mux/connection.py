@@ -367,7 +367,7 @@ class Connection:
     def data_to_send(self, limit: int = 1 << 20) -> list[bytes | memoryview]:
         """Control frames first, then data from ready streams in turn, about `limit` bytes."""
         out: list[bytes | memoryview] = self._control
-        size = sum(len(b) for b in out)
+        size = sum(map(len, out))
         self._control = []
         self._provoked = 0
         while self._ready and size < limit:

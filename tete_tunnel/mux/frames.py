@@ -68,7 +68,9 @@ _PING, _GO_AWAY, _DATA = FrameType.PING.value, FrameType.GO_AWAY.value, FrameTyp
 _UNKNOWN_FLAGS = ~int(KNOWN_FLAGS)  # int: ~ on an IntFlag keeps only its own bits
 
 
-def _check_header(version: int, type_: int, flags: int, stream_id: int, length: int) -> Frame:
+def _check_header(
+    version: int, type_: int, flags: int, stream_id: int, length: int
+) -> tuple[FrameType, Flag, int, int]:
     if version != VERSION:
         raise ProtocolError(f"unsupported mux version {version} (we speak {VERSION})")
     frame_type = _TYPES.get(type_)
@@ -83,7 +85,7 @@ def _check_header(version: int, type_: int, flags: int, stream_id: int, length: 
         raise ProtocolError(f"{frame_type.name} frame on stream 0")
     elif type_ == _DATA and length > MAX_PAYLOAD:
         raise ProtocolError(f"data frame of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    return Frame(frame_type, _FLAGS[flags], stream_id, length)
+    return frame_type, _FLAGS[flags], stream_id, length
 
 
 _EMPTY = memoryview(b"")
@@ -103,7 +105,8 @@ class FrameDecoder:
         self._view = _EMPTY  # the last feed, while it is being parsed
         self._vpos = 0
         self._head = bytearray()  # a header split across feeds
-        self._pending: Frame | None = None  # a checked header waiting for its payload
+        # A checked header (type, flags, stream id, length) waiting for its payload.
+        self._pending: tuple[FrameType, Flag, int, int] | None = None
         self._parts: list[bytes | memoryview] = []  # its payload so far (copies)
         self._have = 0
 
@@ -118,22 +121,22 @@ class FrameDecoder:
         return len(self._head) + self._have + len(self._view) - self._vpos
 
     def next_frame(self) -> Frame | None:
-        frame = self._pending
-        if frame is None:
-            header = self._take_header()
-            if header is None:
+        header = self._pending
+        if header is None:
+            raw = self._take_header()
+            if raw is None:
                 return None
-            frame = _check_header(*header)
-            if frame.type is not FrameType.DATA or frame.length == 0:
-                return frame
+            header = _check_header(*raw)
+            if header[0] is not FrameType.DATA or header[3] == 0:
+                return Frame(*header)
         view, pos = self._view, self._vpos
-        need = frame.length - self._have
+        need = header[3] - self._have
         if len(view) - pos < need:
             if pos < len(view):
                 self._parts.append(bytes(view[pos:]))
                 self._have += len(view) - pos
             self._release()
-            self._pending = frame
+            self._pending = header
             return None
         end = pos + need
         if self._parts:
@@ -145,7 +148,7 @@ class FrameDecoder:
             payload = bytes(view[pos:end])
         self._vpos = end
         self._pending = None
-        return Frame(frame.type, frame.flags, frame.stream_id, frame.length, payload)
+        return Frame(*header, payload)
 
     def _take_header(self) -> tuple[int, int, int, int, int] | None:
         view, pos = self._view, self._vpos
