@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from pathlib import Path
 
 import pytest
 
+from tete_tunnel import tlssuites
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, load_or_create
 from tete_tunnel.secure import (
@@ -168,3 +170,52 @@ def test_two_connections_at_once_give_one_link(ids, auth: Auth) -> None:
     linked = [pair for pair in results if all(isinstance(r, SecureLink) for r in pair)]
     dropped = [pair for pair in results if all(isinstance(r, Duplicate) for r in pair)]
     assert len(linked) == 1 and len(dropped) == 1
+
+
+def test_the_link_runs_aes_128_gcm(ids) -> None:
+    """Both sides put TLS_AES_128_GCM_SHA256 first (tlssuites): OpenSSL's own first choice,
+    AES-256-GCM, costs a third more CPU per byte."""
+    a, b = run(both(ids[0], Auth(), ids[1], Auth()))
+    assert isinstance(a, SecureLink) and isinstance(b, SecureLink)
+    for link in (a, b):
+        name, version, _ = link.carrier.transport.get_extra_info("cipher")
+        assert (name, version) == ("TLS_AES_128_GCM_SHA256", "TLSv1.3")
+
+
+@pytest.mark.parametrize(
+    "preferring", [ssl.PROTOCOL_TLS_CLIENT, ssl.PROTOCOL_TLS_SERVER], ids=["client", "server"]
+)
+def test_a_peer_with_openssls_order_still_links(ids, monkeypatch, preferring) -> None:
+    """A peer that leaves OpenSSL's order (an older version, or an ssl module whose layout
+    tlssuites does not know) links all the same; the TLS server's order decides."""
+    real = tlssuites.prefer_aes128
+
+    def one_side_only(ctx: ssl.SSLContext) -> bool:
+        return real(ctx) if ctx.protocol == preferring else False
+
+    monkeypatch.setattr(tlssuites, "prefer_aes128", one_side_only)
+    a, b = run(both(ids[0], Auth(), ids[1], Auth()))
+    assert isinstance(a, SecureLink) and isinstance(b, SecureLink)
+    expected = "TLS_AES_128_GCM_SHA256"
+    if preferring == ssl.PROTOCOL_TLS_CLIENT:
+        expected = "TLS_AES_256_GCM_SHA384"
+    for link in (a, b):
+        assert link.carrier.transport.get_extra_info("cipher")[0] == expected
+
+
+def test_suites_stay_as_they_are_unless_openssl_confirms_the_layout(monkeypatch) -> None:
+    """The pointer read from the SSLContext is used only if OpenSSL confirms that the probe
+    SSL object belongs to it; here it does not, and nothing changes."""
+    lib = tlssuites._openssl()
+
+    class Unconfirmed:
+        SSL_CTX_set_ciphersuites = lib.SSL_CTX_set_ciphersuites
+
+        @staticmethod
+        def SSL_get_SSL_CTX(ssl_ptr: int) -> int:
+            return 1
+
+    monkeypatch.setattr(tlssuites, "_openssl", lambda: Unconfirmed)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    assert tlssuites.prefer_aes128(ctx) is False
+    assert ctx.get_ciphers()[0]["name"] == "TLS_AES_256_GCM_SHA384"

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tete_tunnel import hello as msg
-from tete_tunnel import tlssocket
+from tete_tunnel import tlssocket, tlssuites
 from tete_tunnel.carrier import Carrier
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, fingerprint, format_id
@@ -152,6 +152,7 @@ def _tls_context(identity: Identity, peer_der: bytes, server_side: bool) -> ssl.
     identity.load_into(ctx)  # the key as it was checked at load, not the path again
     ctx.load_verify_locations(cadata=peer_der)  # the peer's certificate is the only anchor
     ctx.set_alpn_protocols([ALPN])
+    tlssuites.prefer_aes128(ctx)  # a third less CPU per byte (tlssuites' docstring)
     return ctx
 
 
