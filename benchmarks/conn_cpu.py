@@ -16,7 +16,10 @@ from the PYTHONPATH of the build before it), `:floor-loop` the same on the loop'
 least Python does for the same hops.
 
 `--profile DIR` runs each peer under cProfile (DIR/<build>-<peer>-<mode>.prof; the
-figures are then the profiler's, not the code's).
+figures are then the profiler's, not the code's). `--sample DIR` samples each peer with
+py-spy instead (DIR/<build>-<peer>-<mode>.raw, one stack per line with its count, for a
+flame graph or a tally by line), which leaves the peers' speed nearly as it is; py-spy is
+not a dependency: `pip install py-spy` into the same environment.
 
 `--modes bulk` measures the data path instead: `--bulk-mib` (default 1024) one way through
 the -L, CPU seconds per GiB of each peer (a sends, b receives), MB/s, and each peer's read
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare  # the helpers and the process bookkeeping of the benchmark
 
+PY_SPY = str(Path(sys.executable).parent / "py-spy")  # --sample: in this environment
 WARM_UP = 200  # connections before measuring: imports, caches, the first windows
 
 
@@ -52,6 +56,16 @@ def measure(
     if perf is not None and perf.suffix == ".data":  # `perf record` of both peers
         pids = f"{a.pid},{b.pid}"
         recorders.append(subprocess.Popen(["perf", "record", "-q", "-o", str(perf), "-p", pids]))
+    elif perf is not None and perf.suffix == ".raw":  # py-spy samples of each peer
+        for peer, p in (("a", a), ("b", b)):
+            command = [PY_SPY, "record", "-r", "500", "-f", "raw", "-o", str(perf).format(peer)]
+            recorders.append(
+                subprocess.Popen(
+                    [*command, "-p", str(p.pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
     elif perf is not None:  # the system calls of each peer, counted
         for peer, p in (("a", a), ("b", b)):
             out = str(perf).format(peer)
@@ -102,7 +116,15 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR")
     parser.add_argument("--perf", type=Path, metavar="DIR", help="perf record the peers")
     parser.add_argument("--strace", type=Path, metavar="DIR", help="count each peer's syscalls")
+    parser.add_argument(
+        "--sample",
+        type=Path,
+        metavar="DIR",
+        help="py-spy samples of each peer (raw stacks, 500 a second); needs py-spy",
+    )
     args = parser.parse_args()
+    if args.sample is not None and not Path(PY_SPY).exists():
+        parser.error(f"--sample needs py-spy ({PY_SPY} is missing: pip install py-spy)")
     builds = [tuple(b.split("=", 1)) for b in args.build]
     modes = [m for m in args.modes.split(",") if m]
     os.environ["TETE_TUNNEL_LOOP"] = args.loop
@@ -159,6 +181,9 @@ def main() -> int:
                             if args.strace is not None:
                                 args.strace.mkdir(parents=True, exist_ok=True)
                                 perf = args.strace / f"{name}-{{}}-{mode}.txt"
+                            if args.sample is not None:
+                                args.sample.mkdir(parents=True, exist_ok=True)
+                                perf = args.sample / f"{name}-{{}}-{mode}.raw"
                             got = measure(tete, site, count, parallel, perf)
                         finally:
                             tete.stop()
