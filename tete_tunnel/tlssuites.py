@@ -81,11 +81,14 @@ def prefer_aes128(ctx: ssl.SSLContext) -> bool:
     try:
         lib = _openssl()
         ctx_ptr = _ssl_ctx(ctx, lib)
-        done = ctx_ptr is not None and lib.SSL_CTX_set_ciphersuites(ctx_ptr, ORDER) == 1
+        if ctx_ptr is None:
+            log.debug("TLS 1.3 suites left in OpenSSL's order: this ssl module's layout is unknown")
+            return False
+        done = lib.SSL_CTX_set_ciphersuites(ctx_ptr, ORDER) == 1
     except (OSError, AttributeError, ImportError, ssl.SSLError) as exc:
         log.debug("TLS 1.3 suites left in OpenSSL's order: %s", exc)
         return False
-    done = done and ctx.get_ciphers()[0]["name"] == PREFERRED
-    if not done:
-        log.debug("TLS 1.3 suites left in OpenSSL's order: this ssl module's layout is unknown")
-    return done
+    if not (done and ctx.get_ciphers()[0]["name"] == PREFERRED):
+        log.debug("TLS 1.3 suites left in OpenSSL's order: OpenSSL did not take ours")
+        return False
+    return True
