@@ -28,8 +28,11 @@ def either_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return request.param
 
 
+Run = Callable[[Coroutine[Any, Any, Any]], Any]  # the `run` fixture's type
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+def run(request: pytest.FixtureRequest) -> Run:
     """In-process tests: asyncio.run on the standard loop or on uvloop (60 s at most)."""
     factory = None
     if request.param == "uvloop":

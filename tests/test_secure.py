@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Run
 from tete_tunnel import tlssuites
 from tete_tunnel.errors import AuthenticationError, HandshakeError
 from tete_tunnel.identity import Identity, load_or_create
@@ -172,9 +173,9 @@ def test_two_connections_at_once_give_one_link(ids, auth: Auth) -> None:
     assert len(linked) == 1 and len(dropped) == 1
 
 
-def test_the_link_runs_aes_128_gcm(ids) -> None:
+def test_the_link_runs_aes_128_gcm(ids, run: Run) -> None:
     """Both sides put TLS_AES_128_GCM_SHA256 first (tlssuites): OpenSSL's own first choice,
-    AES-256-GCM, costs a third more CPU per byte."""
+    AES-256-GCM, costs a third more CPU per byte to encrypt."""
     a, b = run(both(ids[0], Auth(), ids[1], Auth()))
     assert isinstance(a, SecureLink) and isinstance(b, SecureLink)
     for link in (a, b):
@@ -185,7 +186,7 @@ def test_the_link_runs_aes_128_gcm(ids) -> None:
 @pytest.mark.parametrize(
     "preferring", [ssl.PROTOCOL_TLS_CLIENT, ssl.PROTOCOL_TLS_SERVER], ids=["client", "server"]
 )
-def test_a_peer_with_openssls_order_still_links(ids, monkeypatch, preferring) -> None:
+def test_a_peer_with_openssls_order_still_links(ids, monkeypatch, preferring, run: Run) -> None:
     """A peer that leaves OpenSSL's order (an older version, or an ssl module whose layout
     tlssuites does not know) links all the same; the TLS server's order decides."""
     real = tlssuites.prefer_aes128

@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
+from tests.conftest import Run
 from tests.test_session import session_pair
+from tests.test_supervisor import Network, PairConnector, _echo_target_and_its_forward, _through
 from tete_tunnel import preamble
+from tete_tunnel.forward import Forwarder
+from tete_tunnel.policy import Policy
 from tete_tunnel.session import Stream
 from tete_tunnel.splice import Splice, connect_splice
+from tete_tunnel.supervisor import supervise
 
 ACCEPT = preamble.encode(preamble.Accept())
-Run = Callable[[Coroutine[Any, Any, Any]], Any]  # the `run` fixture: either loop
 
 
 async def _target(reply_after: bytes) -> tuple[asyncio.Server, int, list[bytes]]:
@@ -122,10 +124,6 @@ def test_a_finished_connection_leaves_nothing_to_the_garbage_collector(run: Run)
     once connections have ended, no Splice is alive. Each one's objects point back at it
     (transport, stream, callbacks); unless it lets go at its end, only the cyclic garbage
     collector frees them, which is disabled here so that such cycles stay visible."""
-    from tests.test_supervisor import Network, PairConnector, _echo_target_and_its_forward, _through
-    from tete_tunnel.forward import Forwarder
-    from tete_tunnel.policy import Policy
-    from tete_tunnel.supervisor import supervise
 
     def splices() -> int:
         return sum(isinstance(o, Splice) for o in gc.get_objects())
